@@ -1,0 +1,126 @@
+"""Who is calling: Bearer key -> principal, with a short in-process cache.
+
+The lookup is by SHA-256 of the presented key (an indexed equality on the hash), never a
+comparison on the plain key, so response time says nothing about how close a guess was.
+Valid and unknown keys are both cached for `ttl` seconds, which keeps PostgreSQL off the hot path
+and makes floods of random keys cheap; a revoked key is refused within `ttl`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+
+from psycopg_pool import AsyncConnectionPool
+
+from app.keys import hash_key
+
+log = logging.getLogger(__name__)
+
+
+class InvalidApiKey(Exception):
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    key_id: int
+    user_id: int
+    tier: str
+
+
+class Authenticator:
+    def __init__(
+        self,
+        pool: AsyncConnectionPool,
+        *,
+        ttl: float,
+        max_entries: int = 100_000,
+        last_used_interval: float = 5.0,
+    ) -> None:
+        self.pool = pool
+        self.ttl = ttl
+        self.max_entries = max_entries
+        self.last_used_interval = last_used_interval
+        self._cache: OrderedDict[str, tuple[float, Principal | None]] = OrderedDict()
+        self._used_keys: set[int] = set()
+        self._flusher: asyncio.Task[None] | None = None
+
+    async def authenticate(self, authorization: str | None) -> Principal:
+        key = _bearer_token(authorization)
+        digest = hash_key(key)
+        now = time.monotonic()
+        cached = self._cache.get(digest)
+        if cached is not None and cached[0] > now:
+            principal = cached[1]
+        else:
+            principal = await self._lookup(digest)
+            self._remember(digest, principal, now)
+        if principal is None:
+            raise InvalidApiKey("invalid or revoked API key")
+        self._used_keys.add(principal.key_id)
+        return principal
+
+    async def _lookup(self, digest: str) -> Principal | None:
+        async with self.pool.connection() as conn:
+            cursor = await conn.execute(
+                """
+                SELECT k.id, k.user_id, u.tier
+                  FROM api_keys k JOIN users u ON u.id = k.user_id
+                 WHERE k.key_hash = %s AND k.is_active AND u.is_active
+                """,
+                (digest,),
+            )
+            row = await cursor.fetchone()
+        return None if row is None else Principal(key_id=row[0], user_id=row[1], tier=row[2])
+
+    def _remember(self, digest: str, principal: Principal | None, now: float) -> None:
+        if self.ttl <= 0:
+            return
+        self._cache[digest] = (now + self.ttl, principal)
+        self._cache.move_to_end(digest)
+        while len(self._cache) > self.max_entries:
+            self._cache.popitem(last=False)
+
+    # `last_used_at` is written in the background, a batch every few seconds, so a request
+    # never waits for it.
+    def start(self) -> None:
+        self._flusher = asyncio.create_task(self._flush_loop(), name="last-used-flusher")
+
+    async def stop(self) -> None:
+        if self._flusher is not None:
+            self._flusher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._flusher
+        await self.flush_last_used()
+
+    async def _flush_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.last_used_interval)
+            await self.flush_last_used()
+
+    async def flush_last_used(self) -> None:
+        if not self._used_keys:
+            return
+        key_ids, self._used_keys = sorted(self._used_keys), set()
+        try:
+            async with self.pool.connection() as conn:
+                await conn.execute(
+                    "UPDATE api_keys SET last_used_at = now() WHERE id = ANY(%s)", (key_ids,)
+                )
+        except Exception:  # a lost last_used_at is cosmetic; never fail serving for it
+            log.warning("could not update last_used_at", exc_info=True)
+
+
+def _bearer_token(authorization: str | None) -> str:
+    if not authorization:
+        raise InvalidApiKey("missing Authorization header (expected 'Bearer <key>')")
+    scheme, _, token = authorization.partition(" ")
+    token = token.strip()
+    if scheme.lower() != "bearer" or not token:
+        raise InvalidApiKey("Authorization header must be 'Bearer <key>'")
+    return token

@@ -1,0 +1,52 @@
+"""What this build is: version, git commit, dirty flag, build time.
+
+A frozen binary carries `_build_info.json` written by the build script; a source checkout asks git.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import platform
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from app import __version__
+
+
+@functools.cache
+def build_info() -> dict[str, Any]:
+    bundled = Path(getattr(sys, "_MEIPASS", "")) / "_build_info.json"
+    if getattr(sys, "frozen", False) and bundled.is_file():
+        info = json.loads(bundled.read_text())
+    else:
+        info = {"git_hash": _git("rev-parse", "--short=12", "HEAD"), "build_timestamp": None}
+        status = _git("status", "--porcelain", "--untracked-files=no")
+        info["git_dirty"] = None if status is None else bool(status)
+    info["version"] = __version__
+    info["python"] = platform.python_version()
+    return info
+
+
+def version_line(program: str) -> str:
+    info = build_info()
+    dirty = "-dirty" if info.get("git_dirty") else ""
+    built = info.get("build_timestamp") or "source"
+    return f"{program} {info['version']} (git {info.get('git_hash') or 'unknown'}{dirty}, {built})"
+
+
+def _git(*args: str) -> str | None:
+    try:
+        result = subprocess.run(
+            ["git", *args],
+            cwd=Path(__file__).resolve().parent,
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=True,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return result.stdout.strip()

@@ -1,0 +1,120 @@
+"""Command line: `api` (serve, migrate) and `create_api_key`.
+
+Every command reads settings first; a bad setting is one line on stderr and exit status 2.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import click
+import psycopg
+
+from app.buildinfo import version_line
+from app.config import ConfigError, Settings
+from app.keys import AccountError, create_key
+from app.storage import apply_migrations, migration_status
+
+EXIT_CONFIG = 2
+
+
+def _fail(message: str, code: int = 1) -> None:
+    click.echo(f"error: {message}", err=True)
+    sys.exit(code)
+
+
+def load_settings(**kwargs: Any) -> Settings:
+    try:
+        return Settings.from_env(**kwargs)
+    except ConfigError as exc:
+        _fail(str(exc), EXIT_CONFIG)
+        raise  # unreachable; keeps type checkers content
+
+
+def migrate_or_exit(database_url: str) -> list[str]:
+    try:
+        return apply_migrations(database_url)
+    except psycopg.OperationalError as exc:
+        _fail(f"cannot reach PostgreSQL (DATABASE_URL): {_first_line(exc)}")
+        raise
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _version_option(program: str) -> Callable[[Any], Any]:
+    def show(ctx: click.Context, _param: click.Parameter, value: bool) -> None:
+        if value and not ctx.resilient_parsing:
+            click.echo(version_line(program))
+            ctx.exit()
+
+    return click.option(
+        "--version",
+        is_flag=True,
+        expose_value=False,
+        is_eager=True,
+        callback=show,
+        help="Show the version and build, then exit.",
+    )
+
+
+@click.group(invoke_without_command=True)
+@_version_option("api")
+@click.pass_context
+def api(ctx: click.Context) -> None:
+    """Smally embeddings API. With no command: apply migrations, then serve."""
+    if ctx.invoked_subcommand is None:
+        ctx.invoke(serve)
+
+
+@api.command()
+def serve() -> None:
+    """Apply pending migrations, then serve HTTP with hypercorn."""
+    from app.logs import configure_logging
+    from app.serve import run
+
+    settings = load_settings()
+    configure_logging(settings.log_level)
+    sys.exit(run(settings, migrate=migrate_or_exit))
+
+
+@api.command()
+def migrate() -> None:
+    """Apply pending migrations and list them all."""
+    settings = load_settings(require_redis=False)
+    applied = migrate_or_exit(settings.database_url)
+    for status in migration_status(settings.database_url):
+        when = status.applied_at.isoformat(timespec="seconds") if status.applied_at else "pending"
+        mark = " (applied now)" if status.id in applied else ""
+        click.echo(f"{status.id}\t{when}{mark}")
+
+
+@click.command()
+@_version_option("create_api_key")
+@click.argument("email")
+@click.argument("tier", required=False)
+@click.option("--name", help="A label for the key, shown by `api keys list`.")
+def create_api_key(email: str, tier: str | None, name: str | None) -> None:
+    """Create (or update) the user EMAIL with TIER (free, pro or scale) and print a new key.
+
+    The key is printed once, alone on stdout; only its hash is stored.
+    """
+    settings = load_settings(require_redis=False)
+    migrate_or_exit(settings.database_url)
+    try:
+        with psycopg.connect(settings.database_url, autocommit=True) as conn:
+            created = create_key(conn, email, tier, name, settings.api_key_prefix)
+    except AccountError as exc:
+        _fail(str(exc))
+        return
+    click.echo(created.key)
+    verb = "created" if created.user_created else "updated"
+    click.echo(
+        f"# {verb} {created.email} ({created.tier}); key {created.key_prefix}... "
+        f"Use it as: curl -H 'Authorization: Bearer <key>' ...",
+        err=True,
+    )

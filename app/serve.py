@@ -1,0 +1,56 @@
+"""Run the service under hypercorn: preflight checks, migrations, then serve until SIGTERM.
+
+Hypercorn handles SIGTERM/SIGINT: it stops accepting, lets in-flight requests finish (up to
+SHUTDOWN_TIMEOUT), then runs the lifespan shutdown, which flushes the usage ledger.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+from hypercorn.config import Config
+from hypercorn.run import run as hypercorn_run
+
+from app.config import Settings
+from app.engine import ModelError, ModelManifest
+
+log = logging.getLogger(__name__)
+
+
+def hypercorn_config(settings: Settings) -> Config:
+    config = Config()
+    host = f"[{settings.api_host}]" if ":" in settings.api_host else settings.api_host
+    config.bind = [f"{host}:{settings.api_port}"]
+    # Each worker process builds its own app and services from the environment.
+    config.application_path = "app.server:create_app_from_env()"
+    # workers=0 serves in this process; more start that many spawned processes.
+    config.workers = 0 if settings.workers == 1 else settings.workers
+    config.graceful_timeout = settings.shutdown_timeout
+    config.accesslog = None  # our middleware writes the access log
+    config.errorlog = logging.getLogger("hypercorn.error")
+    config.include_server_header = False
+    config.keep_alive_timeout = 5
+    return config
+
+
+def run(settings: Settings, *, migrate: Callable[[str], list[str]]) -> int:
+    try:
+        manifest = ModelManifest.load(settings.model_path)
+    except ModelError as exc:
+        log.error("cannot start: %s", exc)
+        return 1
+    migrate(settings.database_url)
+    log.info(
+        "starting",
+        extra={
+            "bind": f"{settings.api_host}:{settings.api_port}",
+            "workers": settings.workers,
+            "model": manifest.name,
+        },
+    )
+    try:
+        return hypercorn_run(hypercorn_config(settings))
+    except Exception as exc:
+        log.error("service stopped on an error: %s", exc, exc_info=True)
+        return 1

@@ -1,0 +1,66 @@
+"""`create_app(settings)`: the ASGI application and its services, built explicitly."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator
+
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from app import routes
+from app.config import Settings
+from app.errors import ApiError, InternalError, MethodNotAllowed, NotFound
+from app.middleware import RequestContextMiddleware
+from app.responses import error_response
+from app.services import Services
+
+
+def create_app(settings: Settings) -> Starlette:
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        services = await Services.start(settings)
+        app.state.services = services
+        try:
+            yield
+        finally:
+            await services.stop()
+
+    return Starlette(
+        routes=[
+            Route("/", routes.index, methods=["GET"]),
+            Route("/health", routes.health, methods=["GET"]),
+            Route("/v1/embed", routes.embed, methods=["POST"]),
+        ],
+        middleware=[Middleware(RequestContextMiddleware)],
+        exception_handlers={ApiError: _api_error, HTTPException: _http_error},
+        lifespan=lifespan,
+    )
+
+
+async def _api_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, ApiError)
+    return error_response(exc)
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    if exc.status_code == 404:
+        return error_response(NotFound(f"no endpoint at {request.url.path}"))
+    if exc.status_code == 405:
+        error = MethodNotAllowed(f"{request.method} is not allowed on {request.url.path}")
+        error.headers.update(exc.headers or {})
+        return error_response(error)
+    error = ApiError(str(exc.detail)) if exc.status_code < 500 else InternalError("internal error")
+    if exc.status_code < 500:
+        error.status, error.code = exc.status_code, "invalid_request"
+    return error_response(error)
+
+
+def create_app_from_env() -> Starlette:
+    """Entry point for hypercorn's workers (each process builds its own app and services)."""
+    return create_app(Settings.from_env())

@@ -1,0 +1,104 @@
+"""PostgreSQL: the connection pool and the embedded schema migrations.
+
+The connection string goes to libpq untouched (it may be any libpq URI, including the unix-socket
+form `postgresql://user:@/db?host=/dir`); yoyo is given ready connections rather than the URL,
+so its own URL parser never decides where we connect.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+import psycopg
+from psycopg_pool import AsyncConnectionPool
+from yoyo import read_migrations
+from yoyo.backends.core.postgresql import PostgresqlPsycopgBackend
+from yoyo.connections import parse_uri
+
+log = logging.getLogger(__name__)
+
+# Taken around every migration run: serialises `api` processes starting at once against an
+# empty database, before yoyo's own lock table even exists.
+_MIGRATION_LOCK_ID = 0x5A4D41_4C4C59  # "ZMALLY"
+
+
+def migrations_dir() -> Path:
+    # Frozen binaries carry the directory inside the bundle; never read the source tree there.
+    bundle = getattr(sys, "_MEIPASS", None)
+    if bundle is not None:
+        return Path(bundle) / "migrations"
+    return Path(__file__).resolve().parent.parent / "migrations"
+
+
+class _LibpqBackend(PostgresqlPsycopgBackend):
+    """yoyo's psycopg 3 backend, connecting with our conninfo string instead of its parsed URL."""
+
+    conninfo = ""
+
+    def connect(self, dburi):  # type: ignore[no-untyped-def]
+        return psycopg.connect(self.conninfo, autocommit=True)
+
+
+def _backend(database_url: str) -> _LibpqBackend:
+    backend_class = type("Backend", (_LibpqBackend,), {"conninfo": database_url})
+    backend = backend_class(parse_uri("postgresql+psycopg:///smally"), "_yoyo_migration")
+    backend.init_database()  # what yoyo's get_backend() does: creates its lock table
+    return backend
+
+
+@dataclass(frozen=True, slots=True)
+class MigrationStatus:
+    id: str
+    applied_at: datetime | None
+
+
+def apply_migrations(database_url: str) -> list[str]:
+    """Apply pending migrations; returns the ids applied. Safe to call from many processes."""
+    migrations = read_migrations(str(migrations_dir()))
+    backend = _backend(database_url)
+    try:
+        backend.execute(f"SELECT pg_advisory_lock({_MIGRATION_LOCK_ID})")
+        try:
+            with backend.lock():
+                pending = backend.to_apply(migrations)
+                backend.apply_migrations(pending)
+        finally:
+            backend.execute(f"SELECT pg_advisory_unlock({_MIGRATION_LOCK_ID})")
+    finally:
+        backend.connection.close()
+    applied = [m.id for m in pending]
+    if applied:
+        log.info("applied migrations", extra={"migrations": applied})
+    return applied
+
+
+def migration_status(database_url: str) -> list[MigrationStatus]:
+    migrations = read_migrations(str(migrations_dir()))
+    backend = _backend(database_url)
+    try:
+        backend.ensure_internal_schema_updated()
+        rows = backend.execute(
+            "SELECT migration_id, applied_at_utc FROM _yoyo_migration"
+        ).fetchall()
+    finally:
+        backend.connection.close()
+    applied = {row[0]: row[1] for row in rows}
+    return [MigrationStatus(m.id, applied.get(m.id)) for m in migrations]
+
+
+async def open_pool(database_url: str, *, max_size: int) -> AsyncConnectionPool:
+    pool = AsyncConnectionPool(
+        database_url,
+        min_size=1,
+        max_size=max_size,
+        timeout=5.0,
+        open=False,
+        kwargs={"autocommit": True},
+        name="smally",
+    )
+    await pool.open(wait=True, timeout=10.0)
+    return pool

@@ -1,0 +1,127 @@
+"""The usage ledger: every embedding served becomes a row in `usage`, written in batches.
+
+Requests only append to an in-memory buffer; a background task copies the buffer into PostgreSQL
+at least every `flush_interval` seconds, or sooner once `flush_records` are waiting. When
+PostgreSQL is down the records stay buffered and the flush is retried; only past
+`max_buffered` records are the oldest dropped, and counted. Shutdown flushes what is left.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import deque
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from psycopg_pool import AsyncConnectionPool
+
+log = logging.getLogger(__name__)
+
+_COPY_USAGE = "COPY usage (user_id, api_key_id, embeddings_count, tokens, created_at) FROM STDIN"
+
+
+@dataclass(frozen=True, slots=True)
+class UsageRecord:
+    user_id: int
+    api_key_id: int
+    embeddings_count: int
+    tokens: int
+    created_at: datetime
+
+
+class UsageRecorder:
+    def __init__(
+        self,
+        pool: AsyncConnectionPool,
+        *,
+        flush_interval: float = 1.0,
+        flush_records: int = 500,
+        max_buffered: int = 1_000_000,
+    ) -> None:
+        self.pool = pool
+        self.flush_interval = flush_interval
+        self.flush_records = flush_records
+        self.max_buffered = max_buffered
+        self.dropped = 0
+        self._buffer: deque[UsageRecord] = deque()
+        self._wake = asyncio.Event()
+        self._flush_lock = asyncio.Lock()
+        self._task: asyncio.Task[None] | None = None
+
+    @property
+    def buffered(self) -> int:
+        return len(self._buffer)
+
+    def record(self, user_id: int, api_key_id: int, embeddings_count: int, tokens: int) -> None:
+        self._buffer.append(
+            UsageRecord(user_id, api_key_id, embeddings_count, tokens, datetime.now(UTC))
+        )
+        self._enforce_bound()
+        if len(self._buffer) >= self.flush_records:
+            self._wake.set()
+
+    def _enforce_bound(self) -> None:
+        overflow = len(self._buffer) - self.max_buffered
+        if overflow > 0:
+            for _ in range(overflow):
+                self._buffer.popleft()
+            self.dropped += overflow
+            log.error("usage buffer full: dropped the oldest records", extra={"dropped": overflow})
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="usage-flusher")
+
+    async def stop(self, timeout: float = 10.0) -> None:
+        """Stop the background task and write everything still buffered (retrying until timeout)."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        deadline = asyncio.get_running_loop().time() + timeout
+        while self._buffer:
+            if await self.flush():
+                continue
+            if asyncio.get_running_loop().time() > deadline:
+                log.error(
+                    "usage records not written at shutdown", extra={"records": len(self._buffer)}
+                )
+                return
+            await asyncio.sleep(0.2)
+
+    async def _run(self) -> None:
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), timeout=self.flush_interval)
+            self._wake.clear()
+            if self._buffer and not await self.flush():
+                await asyncio.sleep(self.flush_interval)  # PostgreSQL is down: back off
+
+    async def flush(self) -> bool:
+        """Write the buffered records; on failure they go back into the buffer. Returns success."""
+        async with self._flush_lock:
+            if not self._buffer:
+                return True
+            batch, self._buffer = self._buffer, deque()
+            try:
+                async with (
+                    self.pool.connection() as conn,
+                    conn.transaction(),
+                    conn.cursor().copy(_COPY_USAGE) as copy,
+                ):
+                    for r in batch:
+                        await copy.write_row(
+                            (r.user_id, r.api_key_id, r.embeddings_count, r.tokens, r.created_at)
+                        )
+            except Exception:
+                log.warning(
+                    "usage flush failed; records kept for retry",
+                    extra={"records": len(batch)},
+                    exc_info=True,
+                )
+                batch.extend(self._buffer)  # older records first, then what arrived meanwhile
+                self._buffer = batch
+                self._enforce_bound()
+                return False
+            return True
