@@ -14,7 +14,7 @@ from pathlib import Path
 
 import psycopg
 
-from app.cli import migrate_or_exit, load_settings
+from app.cli import load_settings, migrate_or_exit
 from app.config import read_dotenv
 from app.devservers import LocalPostgres, LocalRedis
 from app.keys import create_key, hash_key

@@ -1,0 +1,162 @@
+"""Test helpers: run the real `api` and `create_api_key` commands the way an operator would."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+import httpx
+import numpy as np
+import psycopg
+
+REPO = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+MODEL_PATH = REPO / "models" / "all-MiniLM-L6-v2"
+REFERENCE_PATH = REPO.parent / "shared" / "reference" / "all-MiniLM-L6-v2.public.json"
+
+# Variables of ours that must not leak from the developer's shell into a test's process.
+SMALLY_VARS = (
+    "DATABASE_URL",
+    "REDIS_URL",
+    "API_HOST",
+    "API_PORT",
+    "LOG_LEVEL",
+    "MODEL_PATH",
+    "MAX_TOKENS",
+    "API_KEY_PREFIX",
+    "WORKERS",
+    "MAX_REQUEST_BYTES",
+    "AUTH_CACHE_TTL",
+    "DB_POOL_SIZE",
+    "SHUTDOWN_TIMEOUT",
+)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def database_url_for(server_url: str, database: str) -> str:
+    """The same server's URI with another database name (keeps ?host=/socket/dir)."""
+    parts = urlsplit(server_url)
+    return urlunsplit(parts._replace(path=f"/{database}"))
+
+
+def new_database(server_url: str) -> str:
+    name = f"t_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(server_url, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    return database_url_for(server_url, name)
+
+
+def base_env(**overrides: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in SMALLY_VARS}
+    env.update({"MODEL_PATH": str(MODEL_PATH), "API_HOST": "127.0.0.1", "LOG_LEVEL": "info"})
+    env.update(overrides)
+    return env
+
+
+def run_cli(*args: str, env: dict[str, str], cwd: Path, timeout: float = 60):
+    return subprocess.run(
+        [str(BIN / args[0]), *args[1:]],
+        env=env,
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def create_key(env: dict[str, str], cwd: Path, email: str, tier: str = "free") -> str:
+    result = run_cli("create_api_key", email, tier, env=env, cwd=cwd)
+    assert result.returncode == 0, result.stderr
+    return result.stdout.strip()
+
+
+@dataclass
+class ApiProcess:
+    """One `api` process on a free port, its output in a log file we can read."""
+
+    env: dict[str, str]
+    workdir: Path
+    port: int = field(default_factory=free_port)
+    process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def log_path(self) -> Path:
+        return self.workdir / f"api-{self.port}.log"
+
+    def start(self, *args: str) -> ApiProcess:
+        env = {**self.env, "API_PORT": str(self.port)}
+        with self.log_path.open("ab") as log:
+            self.process = subprocess.Popen(
+                [str(BIN / "api"), *args],
+                env=env,
+                cwd=self.workdir,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+            )
+        return self
+
+    def wait_healthy(self, timeout: float = 60) -> dict:
+        assert self.process is not None
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise AssertionError(f"api exited with {self.process.returncode}:\n{self.logs()}")
+            try:
+                response = httpx.get(f"{self.base_url}/health", timeout=2)
+                if response.status_code == 200:
+                    return response.json()
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.1)
+        raise AssertionError(f"api not healthy after {timeout}s:\n{self.logs()}")
+
+    def client(self, key: str | None = None) -> httpx.Client:
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        return httpx.Client(base_url=self.base_url, headers=headers, timeout=30)
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
+        if self.process is None:
+            return 0
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+        try:
+            return self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+            raise AssertionError(f"api did not exit within {timeout}s of signal {sig}") from None
+
+    def logs(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def log_records(self) -> list[dict]:
+        """Every log line must be one JSON object."""
+        return [json.loads(line) for line in self.logs().splitlines() if line.strip()]
+
+
+def load_reference() -> dict:
+    return json.loads(REFERENCE_PATH.read_text())
+
+
+def cosine(a, b) -> float:
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
