@@ -67,6 +67,22 @@ class Settings:
     auth_cache_ttl: float = 10.0
     db_pool_size: int = 10
     shutdown_timeout: float = 30.0
+    free_tier_limit: int = 20_000
+    pro_tier_limit: int = 100_000
+    scale_tier_limit: int = 2_000_000
+    l1_cache_size: int = 10_000
+    l2_cache_ttl: int = 86_400
+    redis_key_prefix: str = "smally:"
+    usage_buffer_max: int = 1_000_000
+
+    @property
+    def tier_limits(self) -> dict[str, int]:
+        """Monthly embeddings per tier; -1 is unlimited."""
+        return {
+            "free": self.free_tier_limit,
+            "pro": self.pro_tier_limit,
+            "scale": self.scale_tier_limit,
+        }
 
     @classmethod
     def from_env(
@@ -96,6 +112,13 @@ class Settings:
             auth_cache_ttl=reader.number("AUTH_CACHE_TTL", 10.0, low=0.0, high=3600.0),
             db_pool_size=reader.integer("DB_POOL_SIZE", 10, low=1, high=100),
             shutdown_timeout=reader.number("SHUTDOWN_TIMEOUT", 30.0, low=0.0, high=600.0),
+            free_tier_limit=reader.integer("FREE_TIER_LIMIT", 20_000, low=-1, high=10**12),
+            pro_tier_limit=reader.integer("PRO_TIER_LIMIT", 100_000, low=-1, high=10**12),
+            scale_tier_limit=reader.integer("SCALE_TIER_LIMIT", 2_000_000, low=-1, high=10**12),
+            l1_cache_size=reader.integer("L1_CACHE_SIZE", 10_000, low=0, high=10**7),
+            l2_cache_ttl=reader.integer("L2_CACHE_TTL", 86_400, low=0, high=365 * 86_400),
+            redis_key_prefix=reader.text("REDIS_KEY_PREFIX", "smally:"),
+            usage_buffer_max=reader.integer("USAGE_BUFFER_MAX", 1_000_000, low=1000, high=10**8),
         )
 
 

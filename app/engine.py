@@ -72,13 +72,12 @@ class Embedder:
                 raise ModelError(f"{model_dir / required} is missing (run `make model`)")
 
         self.tokenizer = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
-        # The packaged tokenizer pads every input to 128 and silently truncates: pad to the
-        # longest input of a batch instead, and never truncate, so over-long input is refused.
+        # The packaged tokenizer pads every input to 128 and silently truncates: `infer` pads
+        # to the longest input of its batch instead, and nothing is truncated, so over-long
+        # input is refused rather than cut.
+        self.pad_id = int((self.tokenizer.padding or {}).get("pad_id", 0))
         self.tokenizer.no_truncation()
-        padding = self.tokenizer.padding or {}
-        self.tokenizer.enable_padding(
-            pad_id=padding.get("pad_id", 0), pad_token=padding.get("pad_token", "[PAD]")
-        )
+        self.tokenizer.no_padding()
 
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -94,46 +93,69 @@ class Embedder:
     def dimension(self) -> int:
         return self.manifest.dimension
 
-    def embed(self, texts: Sequence[str], *, normalize: bool = True) -> EmbeddingBatch:
-        """Embed `texts`; raises TextTooLong (naming the first offender) before any inference."""
-        encodings = self.tokenizer.encode_batch(list(texts))
-        ids = np.asarray([e.ids for e in encodings], dtype=np.int64)
-        mask = np.asarray([e.attention_mask for e in encodings], dtype=np.int64)
-        counts = mask.sum(axis=1).tolist()
-        for index, count in enumerate(counts):
-            if count > self.max_tokens:
-                raise TextTooLong(index, count, self.max_tokens)
+    def tokenize(self, texts: Sequence[str]) -> list[list[int]]:
+        """Token ids of each text (with [CLS]/[SEP], unpadded); raises TextTooLong, naming the
+        first offender, with its full count."""
+        encodings = self.tokenizer.encode_batch_fast(list(texts))
+        ids = [e.ids for e in encodings]
+        for index, row in enumerate(ids):
+            if len(row) > self.max_tokens:
+                raise TextTooLong(index, len(row), self.max_tokens)
+        return ids
+
+    def infer(self, token_ids: Sequence[Sequence[int]], *, normalize: bool = True) -> np.ndarray:
+        """One forward pass over the batch, padded to its longest row. float32 [n, dimension]."""
+        longest = max(len(row) for row in token_ids)
+        ids = np.full((len(token_ids), longest), self.pad_id, dtype=np.int64)
+        mask = np.zeros_like(ids)
+        for i, row in enumerate(token_ids):
+            ids[i, : len(row)] = row
+            mask[i, : len(row)] = 1
         feeds = {"input_ids": ids, "attention_mask": mask}
         if "token_type_ids" in self.input_names:
             feeds["token_type_ids"] = np.zeros_like(ids)
         (pooled,) = self.session.run(["sentence_embedding"], feeds)
         vectors = np.ascontiguousarray(pooled, dtype=np.float32)
         if normalize:
-            norms = np.linalg.norm(vectors, axis=1, keepdims=True)
-            vectors = vectors / np.maximum(norms, 1e-12)
-        return EmbeddingBatch(vectors=vectors, token_counts=counts)
+            vectors /= np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
+        return vectors
+
+    def embed(self, texts: Sequence[str], *, normalize: bool = True) -> EmbeddingBatch:
+        """Tokenize and infer in one call (raises TextTooLong before any inference)."""
+        token_ids = self.tokenize(texts)
+        vectors = self.infer(token_ids, normalize=normalize)
+        return EmbeddingBatch(vectors=vectors, token_counts=[len(row) for row in token_ids])
 
 
 class EmbeddingService:
-    """Async front of the engine: model work runs on one dedicated thread, in arrival order.
+    """Async front of the engine. Model work runs on one dedicated thread, in arrival order (one,
+    because ONNX Runtime already spreads a forward pass over the cores). Tokenizing a short input
+    takes microseconds, less than a thread hop, so it runs inline; long ones go to a thread of
+    their own so they never hold up the event loop or queue behind inference."""
 
-    One thread because ONNX Runtime already spreads a forward pass over the cores; two passes at
-    once would only contend for them.
-    """
+    INLINE_TOKENIZE_CHARS = 2048
 
     def __init__(self, embedder: Embedder) -> None:
         self.embedder = embedder
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="onnx")
+        self._inference = ThreadPoolExecutor(max_workers=1, thread_name_prefix="onnx")
+        self._tokenizing = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenize")
 
     @property
     def manifest(self) -> ModelManifest:
         return self.embedder.manifest
 
-    async def embed(self, texts: Sequence[str], *, normalize: bool = True) -> EmbeddingBatch:
+    async def tokenize(self, texts: Sequence[str]) -> list[list[int]]:
+        if sum(len(t) for t in texts) <= self.INLINE_TOKENIZE_CHARS:
+            return self.embedder.tokenize(texts)
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._tokenizing, self.embedder.tokenize, texts)
+
+    async def infer(self, token_ids: Sequence[Sequence[int]], *, normalize: bool) -> np.ndarray:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(
-            self._executor, lambda: self.embedder.embed(texts, normalize=normalize)
+            self._inference, lambda: self.embedder.infer(token_ids, normalize=normalize)
         )
 
     def close(self) -> None:
-        self._executor.shutdown(wait=True, cancel_futures=False)
+        self._inference.shutdown(wait=True, cancel_futures=False)
+        self._tokenizing.shutdown(wait=True, cancel_futures=False)

@@ -54,6 +54,11 @@ class PayloadTooLarge(ApiError):
     code = "payload_too_large"
 
 
+class RateLimitExceeded(ApiError):
+    status = 429
+    code = "rate_limit_exceeded"
+
+
 class ServiceUnavailable(ApiError):
     status = 503
     code = "service_unavailable"

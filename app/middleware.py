@@ -2,26 +2,33 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 import time
 import uuid
+from collections.abc import Callable
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.errors import InternalError
 from app.logs import request_id_var
+from app.metrics import Metrics
 from app.responses import error_response
 
 access_log = logging.getLogger("smally.access")
 log = logging.getLogger(__name__)
 
+_DISCARD_IDLE = 1.0
+_DISCARD_LIMIT = 30.0
 _CLIENT_REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 
 
 class RequestContextMiddleware:
-    def __init__(self, app: ASGIApp) -> None:
+    def __init__(self, app: ASGIApp, *, metrics: Metrics, endpoints: set[str]) -> None:
         self.app = app
+        self.metrics = metrics
+        self.endpoints = endpoints
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -29,13 +36,24 @@ class RequestContextMiddleware:
             return
 
         started = time.perf_counter()
+        # Handlers leave `cached` and `error` here (it is what request.state writes to).
+        state = scope.setdefault("state", {})
         request_id = _request_id(scope)
         token = request_id_var.set(request_id)
         status = 500
         response_started = False
+        body_complete = False
+        discarding: asyncio.Task[None] | None = None
+
+        async def receive_tracking_body() -> Message:
+            nonlocal body_complete
+            message = await receive()
+            if message["type"] == "http.disconnect" or not message.get("more_body", False):
+                body_complete = True
+            return message
 
         async def send_with_context(message: Message) -> None:
-            nonlocal status, response_started
+            nonlocal status, response_started, discarding
             if message["type"] == "http.response.start":
                 response_started = True
                 status = message["status"]
@@ -43,28 +61,60 @@ class RequestContextMiddleware:
                     *message.get("headers", []),
                     (b"x-request-id", request_id.encode()),
                 ]
+            elif not message.get("more_body", False) and not body_complete:
+                # The answer goes out before the body was read (413, 401...): take the rest
+                # of it off hypercorn's hands meanwhile, or the final send never returns.
+                discarding = asyncio.create_task(
+                    _discard_unread_body(receive_tracking_body, lambda: body_complete)
+                )
             await send(message)
 
         try:
-            await self.app(scope, receive, send_with_context)
+            await self.app(scope, receive_tracking_body, send_with_context)
         except Exception:
             # Internals go to the log (with the request id to find them), never to the client.
             log.exception("unhandled error")
+            state["error"] = InternalError.code
             if not response_started:
                 await error_response(InternalError("internal server error"))(
                     scope, receive, send_with_context
                 )
         finally:
+            duration = time.perf_counter() - started
+            if discarding is not None:
+                await discarding
+            endpoint = scope["path"] if scope["path"] in self.endpoints else "other"
+            cached = "true" if state.get("cached") else "false"
+            self.metrics.requests.labels(endpoint, str(status), cached).inc()
+            self.metrics.request_latency.labels(endpoint).observe(duration)
+            if "error" in state:
+                self.metrics.errors.labels(state["error"]).inc()
             access_log.info(
                 "request",
                 extra={
                     "method": scope["method"],
                     "path": scope["path"],  # never the query string: it may carry secrets
                     "status": status,
-                    "duration_ms": round((time.perf_counter() - started) * 1000, 3),
+                    "duration_ms": round(duration * 1000, 3),
                 },
             )
             request_id_var.reset(token)
+
+
+async def _discard_unread_body(receive: Receive, complete: Callable[[], bool]) -> None:
+    """Read and drop what is left of a request body.
+
+    Hypercorn hands body chunks to the app through a queue of ten; when the app answers
+    without reading them, the end of the response waits for room in that queue (for the
+    disconnect event) forever, and so does graceful shutdown. Chunks are dropped as they arrive
+    until the body ends, the client goes, or a second passes without anything.
+    """
+    deadline = asyncio.get_running_loop().time() + _DISCARD_LIMIT
+    while not complete() and asyncio.get_running_loop().time() < deadline:
+        try:
+            await asyncio.wait_for(receive(), _DISCARD_IDLE)
+        except TimeoutError:
+            return
 
 
 def _request_id(scope: Scope) -> str:

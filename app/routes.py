@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 import orjson
@@ -14,12 +16,16 @@ from starlette.responses import Response
 from app.auth import InvalidApiKey, Principal
 from app.engine import TextTooLong
 from app.errors import (
+    ApiError,
     InvalidRequest,
     PayloadTooLarge,
+    RateLimitExceeded,
     ServiceUnavailable,
     TextTooLongError,
     Unauthorized,
 )
+from app.pipeline import Served
+from app.quota import QuotaExceeded
 from app.responses import JSONResponse
 from app.services import Services
 
@@ -43,6 +49,7 @@ async def index(request: Request) -> Response:
             "endpoints": {
                 "POST /v1/embed": "embed one text (Authorization: Bearer <key>)",
                 "GET /health": "service health",
+                "GET /metrics": "Prometheus metrics",
             },
         }
     )
@@ -54,31 +61,30 @@ async def health(request: Request) -> Response:
     return JSONResponse(body, status_code=status)
 
 
+async def metrics(request: Request) -> Response:
+    services: Services = request.app.state.services
+    return Response(services.metrics.render(), media_type=services.metrics.content_type)
+
+
 async def embed(request: Request) -> Response:
     started = time.perf_counter()
     services = services_of(request)
     principal = await authenticate(services, request)
-    payload = await read_json(request, services.settings.max_request_bytes)
-    text, normalize = parse_embed_request(payload)
-
-    try:
-        batch = await services.embeddings.embed([text], normalize=normalize)
-    except TextTooLong as exc:
-        raise TextTooLongError(
-            f"text has {exc.tokens} tokens; the limit is {exc.max_tokens}",
-            max_tokens=exc.max_tokens,
-            tokens=exc.tokens,
-        ) from None
-    tokens = batch.token_counts[0]
-    services.usage.record(principal.user_id, principal.key_id, 1, tokens)
+    async with quota_headers_on_error(services, principal):
+        payload = await read_json(request, services.settings.max_request_bytes)
+        text, normalize = parse_embed_request(payload)
+        (token_ids,) = await tokenize(services, [text])
+        served = await serve(services, principal, [token_ids], normalize)
+    request.state.cached = served.cached[0]
     return JSONResponse(
         {
-            "embedding": batch.vectors[0],
+            "embedding": served.vectors[0],
             "model": services.embeddings.manifest.name,
-            "tokens": tokens,
-            "cached": False,
+            "tokens": len(token_ids),
+            "cached": served.cached[0],
             "latency_ms": round((time.perf_counter() - started) * 1000, 3),
-        }
+        },
+        headers=served.quota.headers(),
     )
 
 
@@ -89,6 +95,49 @@ async def authenticate(services: Services, request: Request) -> Principal:
         raise Unauthorized(str(exc)) from None
     except _UNAVAILABLE:
         raise ServiceUnavailable("the key store is unavailable; retry shortly") from None
+
+
+@contextlib.asynccontextmanager
+async def quota_headers_on_error(services: Services, principal: Principal) -> AsyncIterator[None]:
+    """Errors after authentication still carry the caller's X-RateLimit-* headers."""
+    try:
+        yield
+    except ApiError as exc:
+        if "X-RateLimit-Limit" not in exc.headers:
+            # The headers are a courtesy; the error itself must go out whatever happens here.
+            with contextlib.suppress(Exception):
+                exc.headers.update((await services.quota.status(principal)).headers())
+        raise
+
+
+async def tokenize(services: Services, texts: list[str]) -> list[list[int]]:
+    try:
+        return await services.embeddings.tokenize(texts)
+    except TextTooLong as exc:
+        raise TextTooLongError(
+            f"text has {exc.tokens} tokens; the limit is {exc.max_tokens}",
+            max_tokens=exc.max_tokens,
+            tokens=exc.tokens,
+        ) from None
+
+
+async def serve(
+    services: Services, principal: Principal, token_ids: Sequence[Sequence[int]], normalize: bool
+) -> Served:
+    try:
+        return await services.pipeline.serve(principal, token_ids, normalize=normalize)
+    except QuotaExceeded as exc:
+        services.metrics.rate_limited.labels(exc.tier).inc()
+        state = exc.state
+        retry_after = max(1, int(state.reset_at.timestamp() - time.time()))
+        raise RateLimitExceeded(
+            f"monthly quota of {state.limit} embeddings reached for the {exc.tier} tier",
+            headers={**state.headers(), "Retry-After": str(retry_after)},
+            limit=state.limit,
+            reset_at=state.reset_at.strftime("%Y-%m-%dT%H:%M:%SZ"),
+        ) from None
+    except _UNAVAILABLE:
+        raise ServiceUnavailable("the database is unavailable; retry shortly") from None
 
 
 async def read_json(request: Request, limit: int) -> Any:

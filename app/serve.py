@@ -31,6 +31,8 @@ def hypercorn_config(settings: Settings) -> Config:
     config.errorlog = logging.getLogger("hypercorn.error")
     config.include_server_header = False
     config.keep_alive_timeout = 5
+    # A client that stops sending mid-request is dropped instead of holding a connection.
+    config.read_timeout = 30
     return config
 
 

@@ -15,28 +15,39 @@ from starlette.routing import Route
 from app import routes
 from app.config import Settings
 from app.errors import ApiError, InternalError, MethodNotAllowed, NotFound
+from app.metrics import Metrics
 from app.middleware import RequestContextMiddleware
 from app.responses import error_response
 from app.services import Services
 
 
 def create_app(settings: Settings) -> Starlette:
+    metrics = Metrics()
+
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        services = await Services.start(settings)
+        services = await Services.start(settings, metrics)
         app.state.services = services
         try:
             yield
         finally:
             await services.stop()
 
+    endpoints = [
+        Route("/", routes.index, methods=["GET"]),
+        Route("/health", routes.health, methods=["GET"]),
+        Route("/metrics", routes.metrics, methods=["GET"]),
+        Route("/v1/embed", routes.embed, methods=["POST"]),
+    ]
     return Starlette(
-        routes=[
-            Route("/", routes.index, methods=["GET"]),
-            Route("/health", routes.health, methods=["GET"]),
-            Route("/v1/embed", routes.embed, methods=["POST"]),
+        routes=endpoints,
+        middleware=[
+            Middleware(
+                RequestContextMiddleware,
+                metrics=metrics,
+                endpoints={route.path for route in endpoints},
+            )
         ],
-        middleware=[Middleware(RequestContextMiddleware)],
         exception_handlers={ApiError: _api_error, HTTPException: _http_error},
         lifespan=lifespan,
     )
@@ -44,20 +55,25 @@ def create_app(settings: Settings) -> Starlette:
 
 async def _api_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, ApiError)
-    return error_response(exc)
+    return _respond(request, exc)
 
 
 async def _http_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
     if exc.status_code == 404:
-        return error_response(NotFound(f"no endpoint at {request.url.path}"))
+        return _respond(request, NotFound(f"no endpoint at {request.url.path}"))
     if exc.status_code == 405:
         error = MethodNotAllowed(f"{request.method} is not allowed on {request.url.path}")
         error.headers.update(exc.headers or {})
-        return error_response(error)
+        return _respond(request, error)
     error = ApiError(str(exc.detail)) if exc.status_code < 500 else InternalError("internal error")
     if exc.status_code < 500:
         error.status, error.code = exc.status_code, "invalid_request"
+    return _respond(request, error)
+
+
+def _respond(request: Request, error: ApiError) -> Response:
+    request.state.error = error.code  # counted by the middleware
     return error_response(error)
 
 

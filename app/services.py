@@ -6,18 +6,21 @@ Nothing here is a module-level singleton: every `create_app(settings)` gets its 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from dataclasses import dataclass, field
 from typing import Any
 
-import redis.asyncio as aioredis
 from psycopg_pool import AsyncConnectionPool
 
 from app.auth import Authenticator
 from app.buildinfo import build_info
+from app.cache import EmbeddingCache
 from app.config import Settings
 from app.engine import Embedder, EmbeddingService
+from app.metrics import Metrics
+from app.pipeline import EmbeddingPipeline
+from app.quota import QuotaService
+from app.redis_link import RedisLink
 from app.storage import open_pool
 from app.usage import UsageRecorder
 
@@ -31,13 +34,17 @@ class Services:
     settings: Settings
     embeddings: EmbeddingService
     pool: AsyncConnectionPool
-    redis: aioredis.Redis
+    redis: RedisLink
     auth: Authenticator
     usage: UsageRecorder
+    quota: QuotaService
+    cache: EmbeddingCache
+    metrics: Metrics
+    pipeline: EmbeddingPipeline
     ready: bool = field(default=False)
 
     @classmethod
-    async def start(cls, settings: Settings) -> Services:
+    async def start(cls, settings: Settings, metrics: Metrics) -> Services:
         # Loading the model (~0.5 s) and opening the pool overlap; neither blocks the loop.
         embedder_task = asyncio.create_task(
             asyncio.to_thread(Embedder, settings.model_path, max_tokens=settings.max_tokens)
@@ -48,17 +55,42 @@ class Services:
         except BaseException:
             await pool.close()
             raise
-        redis_client = aioredis.from_url(
-            settings.redis_url, socket_timeout=CHECK_TIMEOUT, socket_connect_timeout=CHECK_TIMEOUT
+        redis = RedisLink(settings.redis_url, key_prefix=settings.redis_key_prefix)
+        usage = UsageRecorder(
+            pool,
+            max_buffered=settings.usage_buffer_max,
+            on_buffer_change=metrics.usage_buffer.set,
+            on_dropped=metrics.usage_dropped.inc,
+        )
+        manifest = embedder.manifest
+        embeddings = EmbeddingService(embedder)
+        quota = QuotaService(redis, pool, usage, settings.tier_limits)
+        cache = EmbeddingCache(
+            redis,
+            model_sha256=manifest.onnx_sha256,
+            dimension=manifest.dimension,
+            l1_size=settings.l1_cache_size,
+            l2_ttl=settings.l2_cache_ttl,
         )
         services = cls(
             settings=settings,
-            embeddings=EmbeddingService(embedder),
+            embeddings=embeddings,
             pool=pool,
-            redis=redis_client,
+            redis=redis,
             auth=Authenticator(pool, ttl=settings.auth_cache_ttl),
-            usage=UsageRecorder(pool),
+            usage=usage,
+            quota=quota,
+            cache=cache,
+            metrics=metrics,
+            pipeline=EmbeddingPipeline(embeddings, cache, quota, metrics),
         )
+        info = build_info()
+        metrics.build_info.labels(
+            info["version"], info.get("git_hash") or "unknown", manifest.name, manifest.onnx_sha256
+        ).set(1)
+        if not await redis.ping():
+            redis.failed(ConnectionError("no answer at start-up"))
+        redis.start()
         services.auth.start()
         services.usage.start()
         services.ready = True
@@ -72,13 +104,13 @@ class Services:
         self.ready = False
         await self.usage.stop()
         await self.auth.stop()
-        await self.redis.aclose()
+        await self.redis.stop()
         await self.pool.close()
         self.embeddings.close()
         log.info("stopped")
 
     async def health(self) -> tuple[int, dict[str, Any]]:
-        database, redis_ok = await asyncio.gather(self._check_database(), self._check_redis())
+        database, redis_ok = await asyncio.gather(self._check_database(), self.redis.ping())
         checks = {
             "database": "ok" if database else "error",
             "redis": "ok" if redis_ok else "error",
@@ -112,8 +144,3 @@ class Services:
         except Exception:
             return False
         return True
-
-    async def _check_redis(self) -> bool:
-        with contextlib.suppress(Exception):
-            return bool(await asyncio.wait_for(self.redis.ping(), CHECK_TIMEOUT))
-        return False

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import logging
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -39,12 +40,16 @@ class UsageRecorder:
         flush_interval: float = 1.0,
         flush_records: int = 500,
         max_buffered: int = 1_000_000,
+        on_buffer_change: Callable[[int], None] = lambda buffered: None,
+        on_dropped: Callable[[int], None] = lambda dropped: None,
     ) -> None:
         self.pool = pool
         self.flush_interval = flush_interval
         self.flush_records = flush_records
         self.max_buffered = max_buffered
         self.dropped = 0
+        self._on_buffer_change = on_buffer_change
+        self._on_dropped = on_dropped
         self._buffer: deque[UsageRecord] = deque()
         self._wake = asyncio.Event()
         self._flush_lock = asyncio.Lock()
@@ -59,6 +64,7 @@ class UsageRecorder:
             UsageRecord(user_id, api_key_id, embeddings_count, tokens, datetime.now(UTC))
         )
         self._enforce_bound()
+        self._on_buffer_change(len(self._buffer))
         if len(self._buffer) >= self.flush_records:
             self._wake.set()
 
@@ -68,6 +74,7 @@ class UsageRecorder:
             for _ in range(overflow):
                 self._buffer.popleft()
             self.dropped += overflow
+            self._on_dropped(overflow)
             log.error("usage buffer full: dropped the oldest records", extra={"dropped": overflow})
 
     def start(self) -> None:
@@ -124,4 +131,6 @@ class UsageRecorder:
                 self._buffer = batch
                 self._enforce_bound()
                 return False
+            finally:
+                self._on_buffer_change(len(self._buffer))
             return True

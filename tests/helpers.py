@@ -38,6 +38,14 @@ SMALLY_VARS = (
     "AUTH_CACHE_TTL",
     "DB_POOL_SIZE",
     "SHUTDOWN_TIMEOUT",
+    "FREE_TIER_LIMIT",
+    "PRO_TIER_LIMIT",
+    "SCALE_TIER_LIMIT",
+    "L1_CACHE_SIZE",
+    "L2_CACHE_TTL",
+    "REDIS_KEY_PREFIX",
+    "USAGE_BUFFER_MAX",
+    "PROMETHEUS_MULTIPROC_DIR",
 )
 
 
@@ -63,6 +71,8 @@ def new_database(server_url: str) -> str:
 def base_env(**overrides: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in SMALLY_VARS}
     env.update({"MODEL_PATH": str(MODEL_PATH), "API_HOST": "127.0.0.1", "LOG_LEVEL": "info"})
+    # Services of different tests share one Redis: each env gets its own key space.
+    env["REDIS_KEY_PREFIX"] = f"test-{uuid.uuid4().hex[:8]}:"
     env.update(overrides)
     return env
 

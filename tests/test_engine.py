@@ -14,10 +14,25 @@ def embedder() -> Embedder:
     return Embedder(MODEL_PATH, max_tokens=128)
 
 
-def test_pads_to_the_longest_input_not_to_128(embedder: Embedder) -> None:
-    encodings = embedder.tokenizer.encode_batch(["a", "a b c"])
-    assert [len(e.ids) for e in encodings] == [5, 5]
-    assert embedder.tokenizer.truncation is None
+def test_tokenizes_without_padding_or_truncation(embedder: Embedder) -> None:
+    assert [len(ids) for ids in embedder.tokenize(["a", "a b c"])] == [3, 5]
+    assert embedder.tokenizer.truncation is None and embedder.tokenizer.padding is None
+
+
+def test_pads_each_batch_to_its_longest_input(embedder: Embedder) -> None:
+    shapes: list[tuple[int, ...]] = []
+    run = embedder.session.run
+
+    def recording_run(outputs, feeds):  # observe the real session's input, change nothing
+        shapes.append(feeds["input_ids"].shape)
+        return run(outputs, feeds)
+
+    embedder.session = type("Recorder", (), {"run": staticmethod(recording_run)})()
+    try:
+        embedder.embed(["a", "a b c"])
+    finally:
+        embedder.session = run.__self__
+    assert shapes == [(2, 5)]
 
 
 def test_batch_equals_singles(embedder: Embedder) -> None:

@@ -137,16 +137,16 @@ def _embed_many(api: ApiProcess, key: str, count: int, on_first=None) -> list[tu
     """Send `count` embed requests whole, on their own connections, before any answer; returns
     (status, finish time) each. Calls on_first() once the first answer is back, while the others
     are still in flight."""
-    body = orjson.dumps({"text": LONG_TEXT})
-    request = (
-        f"POST /v1/embed HTTP/1.1\r\nHost: test\r\nAuthorization: Bearer {key}\r\n"
-        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n"
-        "Connection: close\r\n\r\n"
-    ).encode() + body
     connections = [
         socket.create_connection(("127.0.0.1", api.port), timeout=60) for _ in range(count)
     ]
-    for connection in connections:
+    for i, connection in enumerate(connections):
+        body = orjson.dumps({"text": f"{LONG_TEXT} {i}"})  # all different: no cache hits
+        request = (
+            f"POST /v1/embed HTTP/1.1\r\nHost: test\r\nAuthorization: Bearer {key}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n"
+            "Connection: close\r\n\r\n"
+        ).encode() + body
         connection.sendall(request)
     first_done = threading.Event()
 

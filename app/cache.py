@@ -1,0 +1,83 @@
+"""Two-level embedding cache: an in-process LRU (L1) in front of Redis (L2).
+
+The key is a hash of everything that changes the answer: the model file's sha256, the normalize
+flag, and the token ids (not the text: texts that tokenize identically for this uncased model
+share an entry, texts that differ never collide). A swapped model has another sha256, so it can
+never be served a vector of the old one. L2 values are raw little-endian float32 bytes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import redis.asyncio as aioredis
+
+from app.redis_link import RedisLink
+
+
+@dataclass(frozen=True, slots=True)
+class CacheHit:
+    vector: np.ndarray
+    level: str  # "l1" or "l2"
+
+
+class EmbeddingCache:
+    def __init__(
+        self, link: RedisLink, *, model_sha256: str, dimension: int, l1_size: int, l2_ttl: int
+    ) -> None:
+        self.link = link
+        self.model_sha256 = bytes.fromhex(model_sha256)
+        self.dimension = dimension
+        self.l1_size = l1_size
+        self.l2_ttl = l2_ttl
+        self._l1: OrderedDict[bytes, np.ndarray] = OrderedDict()
+
+    def key(self, token_ids: Sequence[int], normalize: bool) -> bytes:
+        digest = hashlib.blake2b(self.model_sha256, digest_size=20)
+        digest.update(b"\x01" if normalize else b"\x00")
+        digest.update(np.asarray(token_ids, dtype="<i4").tobytes())
+        return digest.digest()
+
+    async def get(self, key: bytes) -> CacheHit | None:
+        vector = self._l1.get(key)
+        if vector is not None:
+            self._l1.move_to_end(key)
+            return CacheHit(vector, "l1")
+        if self.l2_ttl <= 0 or not self.link.usable():
+            return None
+        try:
+            raw = await self.link.client.get(self._l2_key(key))
+        except (aioredis.RedisError, OSError) as exc:
+            self.link.failed(exc)
+            return None
+        if raw is None or len(raw) != 4 * self.dimension:
+            return None
+        vector = np.frombuffer(raw, dtype="<f4")
+        self._remember(key, vector)
+        return CacheHit(vector, "l2")
+
+    async def put(self, key: bytes, vector: np.ndarray) -> None:
+        vector = np.ascontiguousarray(vector, dtype="<f4")
+        vector.setflags(write=False)
+        self._remember(key, vector)
+        if self.l2_ttl <= 0 or not self.link.usable():
+            return
+        try:
+            await self.link.client.set(self._l2_key(key), vector.tobytes(), ex=self.l2_ttl)
+        except (aioredis.RedisError, OSError) as exc:
+            self.link.failed(exc)
+
+    def _remember(self, key: bytes, vector: np.ndarray) -> None:
+        if self.l1_size <= 0:
+            return
+        self._l1[key] = vector
+        self._l1.move_to_end(key)
+        if len(self._l1) > self.l1_size:
+            self._l1.popitem(last=False)
+
+    def _l2_key(self, key: bytes) -> str:
+        return self.link.key("emb", key.hex())

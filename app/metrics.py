@@ -1,0 +1,100 @@
+"""Prometheus metrics, on a registry of the app's own.
+
+With WORKERS > 1 every worker writes its samples to PROMETHEUS_MULTIPROC_DIR (set by `api` before
+it spawns them) and /metrics aggregates the files of all workers, so any worker answers for all.
+"""
+
+from __future__ import annotations
+
+import os
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+from prometheus_client.multiprocess import MultiProcessCollector
+
+LATENCY_BUCKETS = (
+    0.0005,
+    0.001,
+    0.002,
+    0.005,
+    0.01,
+    0.02,
+    0.05,
+    0.1,
+    0.2,
+    0.5,
+    1.0,
+    2.0,
+    5.0,
+    10.0,
+)
+TOKEN_BUCKETS = (4, 8, 16, 32, 64, 96, 128, 256, 512)
+
+
+class Metrics:
+    content_type = CONTENT_TYPE_LATEST
+
+    def __init__(self) -> None:
+        self.multiprocess = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
+        # In multiprocess mode samples live in files, not in a registry; collection reads them.
+        self.registry = CollectorRegistry(auto_describe=True)
+        metric_registry = None if self.multiprocess else self.registry
+        if self.multiprocess:
+            MultiProcessCollector(self.registry)
+
+        def counter(name: str, doc: str, labels: tuple[str, ...] = ()) -> Counter:
+            return Counter(name, doc, labels, registry=metric_registry)
+
+        self.requests = counter(
+            "smally_requests_total", "HTTP requests answered", ("endpoint", "status", "cached")
+        )
+        self.request_latency = Histogram(
+            "smally_request_latency_seconds",
+            "Time to answer a request",
+            ("endpoint",),
+            buckets=LATENCY_BUCKETS,
+            registry=metric_registry,
+        )
+        self.inference_latency = Histogram(
+            "smally_inference_latency_seconds",
+            "Time of one ONNX forward pass",
+            buckets=LATENCY_BUCKETS,
+            registry=metric_registry,
+        )
+        self.cache_hits = counter("smally_cache_hits_total", "Cache hits", ("level",))
+        self.cache_misses = counter("smally_cache_misses_total", "Cache misses (model ran)")
+        self.token_count = Histogram(
+            "smally_token_count",
+            "Tokens per embedded input (with [CLS]/[SEP])",
+            buckets=TOKEN_BUCKETS,
+            registry=metric_registry,
+        )
+        self.errors = counter("smally_errors_total", "Error responses by code", ("error",))
+        self.rate_limited = counter(
+            "smally_rate_limit_exceeded_total", "Requests refused by quota", ("tier",)
+        )
+        self.usage_buffer = Gauge(
+            "smally_usage_buffer_records",
+            "Usage records waiting to be written",
+            registry=metric_registry,
+            multiprocess_mode="livesum",
+        )
+        self.usage_dropped = counter(
+            "smally_usage_dropped_total", "Usage records dropped because the buffer was full"
+        )
+        self.build_info = Gauge(
+            "smally_build_info",
+            "Build and model of the running service (value is 1)",
+            ("version", "git_hash", "model", "model_sha256"),
+            registry=metric_registry,
+            multiprocess_mode="max",
+        )
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

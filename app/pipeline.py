@@ -1,0 +1,84 @@
+"""Serving embeddings for a customer: quota -> cache -> model -> cache, and metering.
+
+The transport layers (/v1/embed now, others later) call `serve` with token ids they have
+already checked; this is the one place that decides what an embedding costs and where it
+comes from.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from app.auth import Principal
+from app.cache import EmbeddingCache
+from app.engine import EmbeddingService
+from app.metrics import Metrics
+from app.quota import QuotaService, QuotaState
+
+
+@dataclass(frozen=True, slots=True)
+class Served:
+    vectors: list[np.ndarray]
+    cached: list[bool]
+    quota: QuotaState
+
+
+class EmbeddingPipeline:
+    def __init__(
+        self,
+        embeddings: EmbeddingService,
+        cache: EmbeddingCache,
+        quota: QuotaService,
+        metrics: Metrics,
+    ) -> None:
+        self.embeddings = embeddings
+        self.cache = cache
+        self.quota = quota
+        self.metrics = metrics
+
+    async def serve(
+        self, principal: Principal, token_ids: Sequence[Sequence[int]], *, normalize: bool
+    ) -> Served:
+        """Embed every input or none: a batch that would cross the quota consumes nothing
+        (raises QuotaExceeded), and a failure gives the reserved embeddings back."""
+        tokens = sum(len(row) for row in token_ids)
+        reservation = await self.quota.reserve(principal, len(token_ids), tokens)
+        try:
+            vectors, cached = await self._embed(token_ids, normalize)
+        except BaseException:
+            await self.quota.release(reservation)
+            raise
+        self.quota.commit(reservation)
+        for row in token_ids:
+            self.metrics.token_count.observe(len(row))
+        return Served(vectors, cached, reservation.state)
+
+    async def _embed(
+        self, token_ids: Sequence[Sequence[int]], normalize: bool
+    ) -> tuple[list[np.ndarray], list[bool]]:
+        keys = [self.cache.key(row, normalize) for row in token_ids]
+        vectors: list[np.ndarray | None] = [None] * len(keys)
+        for i, key in enumerate(keys):
+            hit = await self.cache.get(key)
+            if hit is not None:
+                vectors[i] = hit.vector
+                self.metrics.cache_hits.labels(hit.level).inc()
+        missing = [i for i, vector in enumerate(vectors) if vector is None]
+        if missing:
+            self.metrics.cache_misses.inc(len(missing))
+            started = time.perf_counter()
+            computed = await self.embeddings.infer(
+                [token_ids[i] for i in missing], normalize=normalize
+            )
+            self.metrics.inference_latency.observe(time.perf_counter() - started)
+            for row, i in enumerate(missing):
+                vectors[i] = computed[row]
+                await self.cache.put(keys[i], computed[row])
+        cached = [True] * len(keys)
+        for i in missing:
+            cached[i] = False
+        return [v for v in vectors if v is not None], cached

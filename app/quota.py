@@ -1,0 +1,237 @@
+"""Monthly quotas per user (all of its keys together), checked and consumed in one atomic step.
+
+Normal path: a Lua script in Redis compares and increments the user's counter for the calendar
+month (UTC) in one step, so any number of processes sharing Redis never overshoot. A missing
+counter (Redis restarted without persistence, evicted, flushed) is rebuilt from the PostgreSQL
+ledger before the decision. When Redis is unreachable, decisions fall back to PostgreSQL: under a
+per-user advisory lock the month's ledger is summed and the usage row written in the same
+transaction, which is exact across processes (and slower). On recovery the counters of users
+served meanwhile are dropped, so they are rebuilt from the ledger, which has everything.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+import redis.asyncio as aioredis
+from psycopg_pool import AsyncConnectionPool
+
+from app.auth import Principal
+from app.redis_link import RedisLink
+from app.usage import UsageRecorder
+
+log = logging.getLogger(__name__)
+
+UNLIMITED = -1
+# Advisory lock keys for the PostgreSQL fallback: one per user, clear of the migration lock.
+_LOCK_BASE = 1 << 40
+
+# KEYS[1]: the user's counter for the month. ARGV: count, limit.
+# Returns {-1, 0} when the counter is missing (rebuild it first), {0, used} when over quota,
+# {1, used_after} when consumed.
+_CONSUME = """
+local current = redis.call('GET', KEYS[1])
+if not current then return {-1, 0} end
+current = tonumber(current)
+local count = tonumber(ARGV[1])
+if current + count > tonumber(ARGV[2]) then return {0, current} end
+return {1, redis.call('INCRBY', KEYS[1], count)}
+"""
+
+
+def month_bounds(now: datetime) -> tuple[datetime, datetime]:
+    start = now.astimezone(UTC).replace(day=1, hour=0, minute=0, second=0, microsecond=0)
+    end = (
+        start.replace(year=start.year + 1, month=1)
+        if start.month == 12
+        else start.replace(month=start.month + 1)
+    )
+    return start, end
+
+
+@dataclass(frozen=True, slots=True)
+class QuotaState:
+    limit: int
+    used: int
+    reset_at: datetime
+
+    @property
+    def remaining(self) -> int:
+        return UNLIMITED if self.limit == UNLIMITED else max(self.limit - self.used, 0)
+
+    def headers(self) -> dict[str, str]:
+        return {
+            "X-RateLimit-Limit": str(self.limit),
+            "X-RateLimit-Remaining": str(self.remaining),
+            "X-RateLimit-Reset": str(int(self.reset_at.timestamp())),
+        }
+
+
+class QuotaExceeded(Exception):
+    def __init__(self, state: QuotaState, tier: str) -> None:
+        super().__init__(f"monthly quota of {state.limit} embeddings reached")
+        self.state = state
+        self.tier = tier
+
+
+@dataclass(slots=True)
+class Reservation:
+    principal: Principal
+    count: int
+    tokens: int
+    state: QuotaState
+    counter_key: str | None = None  # consumed from this Redis counter
+    ledger_row_id: int | None = None  # or already written to the ledger (fallback)
+
+
+class QuotaService:
+    def __init__(
+        self,
+        link: RedisLink,
+        pool: AsyncConnectionPool,
+        usage: UsageRecorder,
+        limits: dict[str, int],
+    ) -> None:
+        self.link = link
+        self.pool = pool
+        self.usage = usage
+        self.limits = limits
+        self._consume = link.client.register_script(_CONSUME)
+        self._served_without_redis: set[int] = set()
+        link.on_recovery(self._forget_counters_of_fallback_users)
+
+    def limit_of(self, tier: str) -> int:
+        return self.limits.get(tier, 0)
+
+    async def reserve(self, principal: Principal, count: int, tokens: int) -> Reservation:
+        """Consume `count` embeddings of the user's month, or raise QuotaExceeded."""
+        limit = self.limit_of(principal.tier)
+        start, end = month_bounds(datetime.now(UTC))
+        if limit == UNLIMITED:
+            return Reservation(principal, count, tokens, QuotaState(limit, 0, end))
+        if self.link.usable():
+            key = self.link.key("quota", principal.user_id, start.strftime("%Y-%m"))
+            try:
+                used = await self._consume_in_redis(key, principal, count, limit, start, end)
+            except (aioredis.RedisError, OSError) as exc:
+                self.link.failed(exc)
+            else:
+                state = QuotaState(limit, used, end)
+                return Reservation(principal, count, tokens, state, counter_key=key)
+        return await self._reserve_in_postgres(principal, count, tokens, limit, start, end)
+
+    async def _consume_in_redis(
+        self,
+        key: str,
+        principal: Principal,
+        count: int,
+        limit: int,
+        start: datetime,
+        end: datetime,
+    ) -> int:
+        for _ in range(3):
+            allowed, used = await self._consume(keys=[key], args=[count, limit])
+            if allowed == 1:
+                return int(used)
+            if allowed == 0:
+                raise QuotaExceeded(QuotaState(limit, int(used), end), principal.tier)
+            await self._rebuild(key, principal.user_id, start, end)
+        raise aioredis.RedisError("quota counter vanished while rebuilding it")
+
+    async def _rebuild(self, key: str, user_id: int, start: datetime, end: datetime) -> None:
+        # Our own buffered records go in first, so the ledger holds all that this process served.
+        await self.usage.flush()
+        used = await self._ledger_sum(user_id, start, end)
+        # NX: when several processes rebuild at once, the first one's value stands.
+        # Kept a week past the month's end so late requests of the month still find it.
+        expire_at = int(end.timestamp()) + 7 * 86400
+        await self.link.client.set(key, used, nx=True, exat=expire_at)
+        log.info("quota counter rebuilt from the ledger", extra={"user_id": user_id})
+
+    async def _ledger_sum(self, user_id: int, start: datetime, end: datetime, conn=None) -> int:
+        query = (
+            "SELECT coalesce(sum(embeddings_count), 0) FROM usage"
+            " WHERE user_id = %s AND created_at >= %s AND created_at < %s"
+        )
+        if conn is not None:
+            cursor = await conn.execute(query, (user_id, start, end))
+            return int((await cursor.fetchone())[0])
+        async with self.pool.connection() as own:
+            cursor = await own.execute(query, (user_id, start, end))
+            return int((await cursor.fetchone())[0])
+
+    async def _reserve_in_postgres(
+        self,
+        principal: Principal,
+        count: int,
+        tokens: int,
+        limit: int,
+        start: datetime,
+        end: datetime,
+    ) -> Reservation:
+        self._served_without_redis.add(principal.user_id)
+        if self.usage.buffered:
+            await self.usage.flush()
+        async with self.pool.connection() as conn, conn.transaction():
+            await conn.execute(
+                "SELECT pg_advisory_xact_lock(%s)", (_LOCK_BASE + principal.user_id,)
+            )
+            used = await self._ledger_sum(principal.user_id, start, end, conn)
+            if used + count > limit:
+                raise QuotaExceeded(QuotaState(limit, used, end), principal.tier)
+            cursor = await conn.execute(
+                "INSERT INTO usage (user_id, api_key_id, embeddings_count, tokens)"
+                " VALUES (%s, %s, %s, %s) RETURNING id",
+                (principal.user_id, principal.key_id, count, tokens),
+            )
+            (row_id,) = await cursor.fetchone()
+        state = QuotaState(limit, used + count, end)
+        return Reservation(principal, count, tokens, state, ledger_row_id=row_id)
+
+    async def status(self, principal: Principal) -> QuotaState:
+        """The user's quota state, consuming nothing (for headers on error responses)."""
+        limit = self.limit_of(principal.tier)
+        start, end = month_bounds(datetime.now(UTC))
+        if limit == UNLIMITED:
+            return QuotaState(limit, 0, end)
+        if self.link.usable():
+            key = self.link.key("quota", principal.user_id, start.strftime("%Y-%m"))
+            try:
+                return QuotaState(
+                    limit,
+                    await self._consume_in_redis(key, principal, 0, limit, start, end),
+                    end,
+                )
+            except QuotaExceeded as exc:
+                return exc.state
+            except (aioredis.RedisError, OSError) as exc:
+                self.link.failed(exc)
+        return QuotaState(limit, await self._ledger_sum(principal.user_id, start, end), end)
+
+    def commit(self, reservation: Reservation) -> None:
+        """The embeddings were served: meter them (unless the fallback already did)."""
+        if reservation.ledger_row_id is None:
+            p = reservation.principal
+            self.usage.record(p.user_id, p.key_id, reservation.count, reservation.tokens)
+
+    async def release(self, reservation: Reservation) -> None:
+        """Serving failed after the reservation: give the embeddings back."""
+        try:
+            if reservation.counter_key is not None:
+                await self.link.client.decrby(reservation.counter_key, reservation.count)
+            elif reservation.ledger_row_id is not None:
+                async with self.pool.connection() as conn:
+                    await conn.execute(
+                        "DELETE FROM usage WHERE id = %s", (reservation.ledger_row_id,)
+                    )
+        except Exception:
+            log.warning("could not give back a failed request's quota", exc_info=True)
+
+    async def _forget_counters_of_fallback_users(self) -> None:
+        users = set(self._served_without_redis)
+        if users:
+            month = datetime.now(UTC).strftime("%Y-%m")
+            await self.link.client.delete(*(self.link.key("quota", u, month) for u in users))
+        self._served_without_redis -= users

@@ -1,0 +1,81 @@
+"""Redis as an optional accelerator: when it is unreachable the service keeps serving without it.
+
+Callers ask `usable()` before a call and report failures with `failed()`; while Redis is down
+they skip it instead of each waiting for a timeout. A background probe notices the recovery,
+and the transition (either way) is logged once, not per request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable
+
+import redis.asyncio as aioredis
+
+log = logging.getLogger(__name__)
+
+RecoveryHook = Callable[[], Awaitable[None]]
+
+
+class RedisLink:
+    def __init__(
+        self, url: str, *, key_prefix: str, timeout: float = 0.5, probe_interval: float = 1.0
+    ) -> None:
+        self.client = aioredis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout)
+        self.key_prefix = key_prefix
+        self.probe_interval = probe_interval
+        self.available = True
+        self._recovery_hooks: list[RecoveryHook] = []
+        self._probe: asyncio.Task[None] | None = None
+
+    def key(self, *parts: object) -> str:
+        return self.key_prefix + ":".join(str(p) for p in parts)
+
+    def on_recovery(self, hook: RecoveryHook) -> None:
+        self._recovery_hooks.append(hook)
+
+    def usable(self) -> bool:
+        return self.available
+
+    def failed(self, exc: BaseException) -> None:
+        if self.available:
+            self.available = False
+            log.warning(
+                "redis unreachable: serving without it (quotas from PostgreSQL, no L2 cache)",
+                extra={"error": type(exc).__name__},
+            )
+
+    async def ping(self) -> bool:
+        try:
+            return bool(await self.client.ping())
+        except (aioredis.RedisError, OSError):
+            return False
+
+    def start(self) -> None:
+        self._probe = asyncio.create_task(self._probe_loop(), name="redis-probe")
+
+    async def stop(self) -> None:
+        if self._probe is not None:
+            self._probe.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._probe
+        await self.client.aclose()
+
+    async def _probe_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.probe_interval)
+            if self.available:
+                continue
+            if await self.ping():
+                # Hooks run before traffic returns to Redis, so nothing reads stale state.
+                for hook in self._recovery_hooks:
+                    try:
+                        await hook()
+                    except Exception:
+                        log.exception("redis recovery hook failed")
+                        break
+                else:
+                    self.available = True
+                    log.warning("redis reachable again: back to normal")
