@@ -54,6 +54,7 @@ ARM64_DIST := dist/arm64
 .PHONY: build test-arm64
 
 build: model
+	build/host-tools.sh
 ifeq ($(filter $(ARCH),arm64 aarch64),)
 	$(PY) build/build_binaries.py --dist dist
 	rm -rf dist/models && mkdir -p dist/models && cp -a $(MODEL_DIR) dist/models/

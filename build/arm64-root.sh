@@ -38,16 +38,7 @@ need_root() {
 }
 
 host_tools() {
-    local missing=()
-    command -v debootstrap >/dev/null || missing+=(debootstrap)
-    [ -x /usr/bin/qemu-aarch64-static ] || missing+=(qemu-user-static)
-    command -v update-binfmts >/dev/null || missing+=(binfmt-support)
-    command -v unshare >/dev/null || missing+=(util-linux)
-    if [ ${#missing[@]} -gt 0 ]; then
-        say "installing ${missing[*]}"
-        apt-get update -qq
-        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
-    fi
+    "$REPO/build/host-tools.sh" arm64
 }
 
 binfmt() {

@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Install, with apt-get, the host tools the frozen builds and their tests use, if missing:
+#   build/host-tools.sh           objdump (binutils), file, ldd
+#   build/host-tools.sh arm64     and debootstrap, qemu-user-static, binfmt-support, unshare
+set -euo pipefail
+
+missing=()
+command -v objdump >/dev/null || missing+=(binutils)
+command -v file >/dev/null || missing+=(file)
+command -v ldd >/dev/null || missing+=(libc-bin)
+if [ "${1:-}" == arm64 ]; then
+    command -v debootstrap >/dev/null || missing+=(debootstrap)
+    [ -x /usr/bin/qemu-aarch64-static ] || missing+=(qemu-user-static)
+    command -v update-binfmts >/dev/null || missing+=(binfmt-support)
+    command -v unshare >/dev/null || missing+=(util-linux)
+fi
+[ ${#missing[@]} -eq 0 ] && exit 0
+if [ "$(id -u)" != 0 ] || ! command -v apt-get >/dev/null; then
+    echo "host-tools: please install ${missing[*]} (needs root and apt-get)" >&2
+    exit 2
+fi
+echo "host-tools: installing ${missing[*]}" >&2
+apt-get update -qq
+DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
