@@ -1,0 +1,175 @@
+"""The frozen `api` and `create_api_key` (`make build`) on their own: copied with the model into an
+empty directory outside the repository, configured by `.env` alone, no venv on PATH."""
+
+from __future__ import annotations
+
+import platform
+import re
+import signal
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import psycopg
+import pytest
+
+from tests.conftest import Servers
+from tests.frozen import (
+    GLIBC_CEILING,
+    MODEL_NAME,
+    PROGRAMS,
+    VERSION_LINE,
+    FrozenApi,
+    bare_env,
+    ceiling,
+    deploy,
+    embed_latency_ms,
+    git_head,
+    make,
+    rss_kib,
+    run,
+    version_key,
+)
+from tests.helpers import REPO, cosine, free_port, load_reference
+
+pytestmark = pytest.mark.slow
+
+DIST = REPO / "dist"
+FILE_MACHINE = {"x86_64": "x86-64", "aarch64": "ARM aarch64"}
+START_BUDGET_S = 3.0  # exec to healthy, one-file extraction included
+
+
+@pytest.fixture(scope="module")
+def dist() -> Path:
+    output = make("build")
+    for program in PROGRAMS:
+        assert f"dist/{program}" in output  # the sizes are printed
+        assert (DIST / program).is_file()
+    assert (DIST / "models" / MODEL_NAME / "model.onnx").is_file()
+    return DIST
+
+
+@pytest.fixture
+def runtime_tmp(tmp_path: Path) -> Iterator[Path]:
+    """The binaries' TMPDIR, as a unit with PrivateTmp=true gives them a /tmp of their own."""
+    path = tmp_path / "private-tmp"
+    path.mkdir()
+    yield path
+
+
+def unpacked(tmpdir: Path) -> list[Path]:
+    # (onnxruntime leaves a small `.ses` file of its own there too)
+    return list(tmpdir.glob("_MEI*"))
+
+
+def migration_ids() -> list[str]:
+    return sorted(
+        p.name.removesuffix(".sql")
+        for p in (REPO / "migrations").glob("*.sql")
+        if not p.name.endswith(".rollback.sql")
+    )
+
+
+def test_frozen_binaries_serve_from_an_empty_directory(
+    dist: Path, servers: Servers, tmp_path: Path, runtime_tmp: Path
+) -> None:
+    database_url = servers.new_database()
+    port = free_port()
+    workdir = deploy(
+        dist,
+        tmp_path / "srv",
+        {
+            "DATABASE_URL": database_url,
+            "REDIS_URL": servers.redis_url,
+            "API_PORT": str(port),
+            "MODEL_PATH": f"models/{MODEL_NAME}",
+        },
+    )
+    assert REPO not in workdir.parents
+    env = bare_env(TMPDIR=str(runtime_tmp))
+
+    # The deployment playbook's diagnostics.
+    machine = FILE_MACHINE[platform.machine()]
+    described = run(["file", "api"], workdir, env)
+    assert "ELF 64-bit" in described.stdout and machine in described.stdout, described.stdout
+    linked = run(["ldd", "api"], workdir, env)
+    assert linked.returncode == 0 and "libc.so.6" in linked.stdout, linked.stdout + linked.stderr
+    assert "not found" not in linked.stdout
+    head = git_head()
+    for program in PROGRAMS:
+        shown = run([f"./{program}", "--version"], workdir, env)
+        assert shown.returncode == 0, shown.stderr
+        match = VERSION_LINE.match(shown.stdout.strip())
+        assert match, shown.stdout
+        assert (match["program"], match["hash"]) == (program, head)
+
+    # An empty database: the migrations come out of the binary.
+    created = run(["./create_api_key", "frozen@example.com", "pro"], workdir, env)
+    assert created.returncode == 0, created.stderr
+    key = created.stdout.strip()
+    assert re.fullmatch(r"sk_[0-9a-f]{64}", key)
+    with psycopg.connect(database_url) as conn:
+        applied = sorted(r[0] for r in conn.execute("SELECT migration_id FROM _yoyo_migration"))
+    assert applied == migration_ids()
+
+    api = FrozenApi(env, workdir, port=port, log_dir=tmp_path)
+    api.start()
+    try:
+        startup, health = api.time_to_healthy(timeout=60)
+        assert health["status"] == "healthy"
+        assert health["build"]["git_hash"] == head and health["build"]["build_timestamp"]
+        assert health["version"] == match["version"]
+        cases = load_reference()["cases"]
+        with api.client(key) as client:
+            for case in cases:
+                body = client.post("/v1/embed", json={"text": case["text"]}).json()
+                assert body["tokens"] == case["tokens"], case["text"]
+                assert cosine(body["embedding"], case["embedding"]) >= 0.99999, case["text"]
+                assert abs(np.linalg.norm(body["embedding"]) - 1.0) < 1e-5
+            latencies = embed_latency_ms(client, 100)
+        rss = rss_kib(api.process.pid)
+        assert unpacked(runtime_tmp)  # the one-file bundle is unpacked into TMPDIR while running
+    finally:
+        code = api.stop(signal.SIGTERM)
+    print(
+        f"\nfrozen api: {startup:.2f} s exec to healthy, RSS {rss / 1024:.0f} MiB, "
+        f"embed p50 {latencies[50]:.2f} ms p90 {latencies[90]:.2f} ms"
+    )
+    assert code == 0, api.logs()[-3000:]
+    assert not unpacked(runtime_tmp)  # and removed at exit
+    assert startup < START_BUDGET_S, f"{startup:.2f} s from exec to healthy"
+    with psycopg.connect(database_url) as conn:
+        (served,) = conn.execute("SELECT sum(embeddings_count) FROM usage").fetchone()
+    assert served == len(cases) + len(latencies)  # the usage ledger was flushed on SIGTERM
+
+
+def test_frozen_api_with_worker_processes_and_the_default_model_path(
+    dist: Path, servers: Servers, tmp_path: Path, runtime_tmp: Path
+) -> None:
+    """WORKERS=2 makes hypercorn spawn processes, which re-run the binary (freeze_support); no
+    MODEL_PATH means models/ next to the executable, whatever the working directory."""
+    database_url = servers.new_database()
+    port = free_port()
+    settings = {"DATABASE_URL": database_url, "REDIS_URL": servers.redis_url}
+    workdir = deploy(dist, tmp_path / "srv", {**settings, "API_PORT": str(port), "WORKERS": "2"})
+    env = bare_env(TMPDIR=str(runtime_tmp))
+    created = run([str(workdir / "create_api_key"), "workers@example.com"], workdir, env)
+    assert created.returncode == 0, created.stderr
+    api = FrozenApi(env, workdir, port=port, log_dir=tmp_path).start()
+    try:
+        api.wait_healthy(timeout=60)
+        with api.client(created.stdout.strip()) as client:
+            for _ in range(8):
+                assert client.post("/v1/embed", json={"text": "hi"}).status_code == 200
+    finally:
+        code = api.stop(signal.SIGTERM)
+    assert code == 0, api.logs()[-3000:]
+    assert not unpacked(runtime_tmp)
+
+
+def test_frozen_binaries_need_no_newer_glibc_than_the_oldest_target(dist: Path) -> None:
+    for program in PROGRAMS:
+        highest, culprits = ceiling(dist / program)
+        assert version_key(highest) <= version_key(GLIBC_CEILING), (program, highest, culprits)
+    readme = (REPO / "README.md").read_text()
+    assert f"glibc {GLIBC_CEILING}" in readme

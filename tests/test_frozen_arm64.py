@@ -1,0 +1,110 @@
+"""The aarch64 build (`make build ARCH=arm64`, the Docker-free route) and its `api` run under
+qemu-user against the same real PostgreSQL and Redis. Slow: `make test-arm64` runs it (.ci/run
+does, after `make test`); it needs root, for the arm64 root and binfmt_misc."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import Servers
+from tests.frozen import (
+    GLIBC_CEILING,
+    MODEL_NAME,
+    PROGRAMS,
+    VERSION_LINE,
+    FrozenApi,
+    bare_env,
+    ceiling,
+    deploy,
+    git_head,
+    make,
+    rss_kib,
+    run,
+    version_key,
+)
+from tests.helpers import REPO, cosine, free_port, load_reference
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        os.environ.get("SMALLY_TEST_ARM64") != "1", reason="slow: run by `make test-arm64`"
+    ),
+    pytest.mark.skipif(os.geteuid() != 0, reason="the arm64 root and binfmt_misc need root"),
+]
+
+DIST = REPO / "dist" / "arm64"
+ARM64_ROOT = Path(
+    os.environ.get("SMALLY_ARM64_ROOT") or Path.home() / ".cache" / "smally" / "arm64-root"
+)
+
+
+@pytest.fixture(scope="module")
+def dist() -> Path:
+    started = time.monotonic()
+    output = make("build", "ARCH=arm64", env={**os.environ, "SMALLY_ARM64_ROUTE": "root"})
+    print(f"\nmake build ARCH=arm64: {time.monotonic() - started:.0f} s")
+    assert "route root" in output
+    for program in PROGRAMS:
+        assert (DIST / program).is_file()
+    return DIST
+
+
+def test_arm64_binaries_are_aarch64_and_need_no_newer_glibc(dist: Path) -> None:
+    for program in PROGRAMS:
+        described = run(["file", str(dist / program)], REPO, bare_env())
+        assert "ELF 64-bit" in described.stdout and "ARM aarch64" in described.stdout
+        highest, culprits = ceiling(dist / program)
+        assert version_key(highest) <= version_key(GLIBC_CEILING), (program, highest, culprits)
+
+
+def test_arm64_api_serves_under_qemu(dist: Path, servers: Servers, tmp_path: Path) -> None:
+    database_url = servers.new_database()
+    port = free_port()
+    workdir = deploy(
+        dist,
+        tmp_path / "srv",
+        {
+            "DATABASE_URL": database_url,
+            "REDIS_URL": servers.redis_url,
+            "API_PORT": str(port),
+            "MODEL_PATH": f"models/{MODEL_NAME}",
+        },
+    )
+    # binfmt_misc hands the aarch64 executables to qemu-aarch64-static; QEMU_LD_PREFIX gives
+    # it the arm64 root's dynamic loader and system libraries (libstdc++, ...).
+    env = bare_env(QEMU_LD_PREFIX=str(ARM64_ROOT))
+    shown = run(["./api", "--version"], workdir, env, timeout=120)
+    assert shown.returncode == 0, shown.stderr
+    match = VERSION_LINE.match(shown.stdout.strip())
+    assert match and match["hash"] == git_head(), shown.stdout
+
+    created = run(["./create_api_key", "arm64@example.com"], workdir, env, timeout=300)
+    assert created.returncode == 0, created.stderr
+    key = created.stdout.strip()
+    assert re.fullmatch(r"sk_[0-9a-f]{64}", key)
+
+    api = FrozenApi(env, workdir, port=port, log_dir=tmp_path).start()
+    try:
+        startup, health = api.time_to_healthy(timeout=600)
+        assert health["status"] == "healthy"
+        case = load_reference()["cases"][0]
+        with api.client(key) as client:
+            started = time.perf_counter()
+            body = client.post("/v1/embed", json={"text": case["text"]}).json()
+            latency = time.perf_counter() - started
+        assert body["tokens"] == case["tokens"]
+        assert cosine(body["embedding"], case["embedding"]) >= 0.99999
+        rss = rss_kib(api.process.pid)
+    finally:
+        code = api.stop(signal.SIGTERM, timeout=120)
+    print(
+        f"\narm64 api under qemu: {startup:.1f} s exec to healthy, RSS {rss / 1024:.0f} MiB, "
+        f"one embed {latency * 1000:.0f} ms"
+    )
+    assert code == 0, api.logs()[-3000:]
