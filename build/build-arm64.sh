@@ -21,7 +21,8 @@ route=${SMALLY_ARM64_ROUTE:-}
 if [ -z "$route" ]; then
     if [ "$(uname -m)" == aarch64 ]; then
         route=native
-    elif command -v docker >/dev/null && docker info >/dev/null 2>&1; then
+    elif command -v docker >/dev/null && docker info >/dev/null 2>&1 &&
+        docker buildx version >/dev/null 2>&1; then
         route=docker
     else
         route=root
