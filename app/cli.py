@@ -12,9 +12,10 @@ from typing import Any
 import click
 import psycopg
 
+from app.billing import monthly_usage, parse_month
 from app.buildinfo import version_line
 from app.config import ConfigError, Settings
-from app.keys import AccountError, create_key
+from app.keys import AccountError, create_key, list_keys, normalize_email, revoke_key
 from app.storage import apply_migrations, migration_status
 
 EXIT_CONFIG = 2
@@ -91,6 +92,69 @@ def migrate() -> None:
         when = status.applied_at.isoformat(timespec="seconds") if status.applied_at else "pending"
         mark = " (applied now)" if status.id in applied else ""
         click.echo(f"{status.id}\t{when}{mark}")
+
+
+@api.command()
+@click.argument("email")
+@click.option("--month", help="YYYY-MM (default: this month, UTC).")
+def usage(email: str, month: str | None) -> None:
+    """Embeddings and tokens of EMAIL's keys in a month, for billing."""
+    settings = load_settings(require_redis=False)
+    try:
+        start = parse_month(month)
+        with psycopg.connect(settings.database_url, autocommit=True) as conn:
+            rows = monthly_usage(conn, email, start)
+    except AccountError as exc:
+        _fail(str(exc))
+        return
+    click.echo(f"{normalize_email(email)}  {start:%Y-%m}")
+    click.echo(f"{'key':<14} {'name':<20} {'embeddings':>12} {'tokens':>14}")
+    for row in rows:
+        click.echo(
+            f"{row.key_prefix or '(deleted)':<14} {row.name or '':<20} "
+            f"{row.embeddings:>12} {row.tokens:>14}"
+        )
+    total_embeddings = sum(r.embeddings for r in rows)
+    total_tokens = sum(r.tokens for r in rows)
+    click.echo(f"{'total':<14} {'':<20} {total_embeddings:>12} {total_tokens:>14}")
+
+
+@api.group()
+def keys() -> None:
+    """List and revoke API keys."""
+
+
+@keys.command("list")
+@click.argument("email")
+def keys_list(email: str) -> None:
+    """The keys of EMAIL (prefix, name, state, created, last used)."""
+    settings = load_settings(require_redis=False)
+    try:
+        with psycopg.connect(settings.database_url, autocommit=True) as conn:
+            found = list_keys(conn, email)
+    except AccountError as exc:
+        _fail(str(exc))
+        return
+    for key in found:
+        last_used = key.last_used_at.isoformat(timespec="seconds") if key.last_used_at else "never"
+        click.echo(
+            f"{key.key_prefix}\t{'active' if key.is_active else 'revoked'}\t"
+            f"{key.created_at.isoformat(timespec='seconds')}\t{last_used}\t{key.name or ''}"
+        )
+
+
+@keys.command("revoke")
+@click.argument("key_prefix")
+def keys_revoke(key_prefix: str) -> None:
+    """Revoke the key starting with KEY_PREFIX (refused within AUTH_CACHE_TTL seconds)."""
+    settings = load_settings(require_redis=False)
+    try:
+        with psycopg.connect(settings.database_url, autocommit=True) as conn:
+            revoked = revoke_key(conn, key_prefix)
+    except AccountError as exc:
+        _fail(str(exc))
+        return
+    click.echo(f"revoked {revoked}")
 
 
 @click.command()

@@ -109,7 +109,7 @@ def list_keys(conn: psycopg.Connection, email: str) -> list[KeyInfo]:
     return [KeyInfo(*row) for row in rows]
 
 
-def revoke_key(conn: psycopg.Connection, key_prefix: str) -> int:
+def revoke_key(conn: psycopg.Connection, key_prefix: str) -> str:
     """Deactivate the key with this display prefix; refuses an empty or ambiguous prefix."""
     if not key_prefix.strip():
         raise AccountError("give the key's prefix, as `api keys list` shows it")
@@ -117,7 +117,8 @@ def revoke_key(conn: psycopg.Connection, key_prefix: str) -> int:
         # starts_with, not LIKE: the default prefix "sk_" holds a LIKE wildcard. A whole key
         # pasted by mistake is matched by its hash.
         rows = conn.execute(
-            "SELECT id FROM api_keys WHERE starts_with(key_prefix, %s) OR key_hash = %s",
+            "SELECT id, key_prefix FROM api_keys"
+            " WHERE starts_with(key_prefix, %s) OR key_hash = %s",
             (key_prefix, hash_key(key_prefix)),
         ).fetchall()
         if not rows:
@@ -125,4 +126,4 @@ def revoke_key(conn: psycopg.Connection, key_prefix: str) -> int:
         if len(rows) > 1:
             raise AccountError(f"{len(rows)} keys start with {key_prefix!r}; give more of it")
         conn.execute("UPDATE api_keys SET is_active = FALSE WHERE id = %s", (rows[0][0],))
-    return 1
+    return str(rows[0][1])

@@ -18,6 +18,8 @@ from prometheus_client import (
 )
 from prometheus_client.multiprocess import MultiProcessCollector
 
+from app.keys import TIERS
+
 LATENCY_BUCKETS = (
     0.0005,
     0.001,
@@ -95,6 +97,14 @@ class Metrics:
             registry=metric_registry,
             multiprocess_mode="max",
         )
+
+        # Series that exist from the start read as 0 instead of "no data" on dashboards.
+        for tier in TIERS:
+            self.rate_limited.labels(tier)
+        for level in ("l1", "l2"):
+            self.cache_hits.labels(level)
+        self.usage_dropped.inc(0)
+        self.cache_misses.inc(0)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -42,7 +42,7 @@ class RequestContextMiddleware:
         token = request_id_var.set(request_id)
         status = 500
         response_started = False
-        body_complete = False
+        body_complete = not _has_body(scope)
         discarding: asyncio.Task[None] | None = None
 
         async def receive_tracking_body() -> Message:
@@ -57,13 +57,15 @@ class RequestContextMiddleware:
             if message["type"] == "http.response.start":
                 response_started = True
                 status = message["status"]
-                message["headers"] = [
-                    *message.get("headers", []),
-                    (b"x-request-id", request_id.encode()),
-                ]
+                headers = [*message.get("headers", []), (b"x-request-id", request_id.encode())]
+                if not body_complete:
+                    # Answered before the body was read (413, 401, ...): this connection
+                    # cannot carry another request, so say so.
+                    headers.append((b"connection", b"close"))
+                message["headers"] = headers
             elif not message.get("more_body", False) and not body_complete:
-                # The answer goes out before the body was read (413, 401...): take the rest
-                # of it off hypercorn's hands meanwhile, or the final send never returns.
+                # Take the rest of the unread body off hypercorn's hands meanwhile, or the
+                # final send never returns.
                 discarding = asyncio.create_task(
                     _discard_unread_body(receive_tracking_body, lambda: body_complete)
                 )
@@ -115,6 +117,15 @@ async def _discard_unread_body(receive: Receive, complete: Callable[[], bool]) -
             await asyncio.wait_for(receive(), _DISCARD_IDLE)
         except TimeoutError:
             return
+
+
+def _has_body(scope: Scope) -> bool:
+    for name, value in scope["headers"]:
+        if name == b"content-length":
+            return value.strip() != b"0"
+        if name == b"transfer-encoding":
+            return True
+    return False
 
 
 def _request_id(scope: Scope) -> str:

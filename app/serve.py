@@ -7,6 +7,9 @@ SHUTDOWN_TIMEOUT), then runs the lifespan shutdown, which flushes the usage ledg
 from __future__ import annotations
 
 import logging
+import os
+import shutil
+import tempfile
 from collections.abc import Callable
 
 from hypercorn.config import Config
@@ -51,8 +54,17 @@ def run(settings: Settings, *, migrate: Callable[[str], list[str]]) -> int:
             "model": manifest.name,
         },
     )
+    if settings.workers > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        # Workers write their metric samples here; /metrics in any worker adds them all up.
+        metrics_dir = tempfile.mkdtemp(prefix="smally-metrics-")
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
+    else:
+        metrics_dir = None
     try:
         return hypercorn_run(hypercorn_config(settings))
     except Exception as exc:
         log.error("service stopped on an error: %s", exc, exc_info=True)
         return 1
+    finally:
+        if metrics_dir is not None:
+            shutil.rmtree(metrics_dir, ignore_errors=True)

@@ -111,6 +111,8 @@ class Services:
 
     async def health(self) -> tuple[int, dict[str, Any]]:
         database, redis_ok = await asyncio.gather(self._check_database(), self.redis.ping())
+        # Until the probe has switched traffic back to Redis, we are still serving without it.
+        redis_ok = redis_ok and self.redis.available
         checks = {
             "database": "ok" if database else "error",
             "redis": "ok" if redis_ok else "error",

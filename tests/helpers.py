@@ -102,6 +102,7 @@ class ApiProcess:
     workdir: Path
     port: int = field(default_factory=free_port)
     process: subprocess.Popen[bytes] | None = None
+    signalled: bool = False
 
     @property
     def base_url(self) -> str:
@@ -143,11 +144,17 @@ class ApiProcess:
         headers = {"Authorization": f"Bearer {key}"} if key else {}
         return httpx.Client(base_url=self.base_url, headers=headers, timeout=30)
 
+    def send_signal(self, sig: int = signal.SIGTERM) -> None:
+        assert self.process is not None
+        self.process.send_signal(sig)
+        self.signalled = True
+
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
+        """Signal the process (once: a second SIGTERM is not what systemd does) and wait."""
         if self.process is None:
             return 0
-        if self.process.poll() is None:
-            self.process.send_signal(sig)
+        if self.process.poll() is None and not self.signalled:
+            self.send_signal(sig)
         try:
             return self.process.wait(timeout)
         except subprocess.TimeoutExpired:

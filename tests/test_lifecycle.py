@@ -190,7 +190,7 @@ def test_sigterm_drains_in_flight_requests_and_flushes_usage(
     signalled: list[float] = []
 
     def terminate() -> None:
-        api.process.send_signal(signal.SIGTERM)
+        api.send_signal(signal.SIGTERM)
         signalled.append(time.monotonic())
 
     results = _embed_many(api, key, 48, on_first=terminate)
