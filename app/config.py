@@ -74,6 +74,16 @@ class Settings:
     l2_cache_ttl: int = 86_400
     redis_key_prefix: str = "smally:"
     usage_buffer_max: int = 1_000_000
+    ort_threads: int = 0
+    batch_window_ms: float = 1.0
+    max_batch_tokens: int = 16_384
+    max_queue_tokens: int = 262_144
+    model_aliases: tuple[str, ...] = ()
+
+    @property
+    def onnx_threads(self) -> int:
+        """ORT_THREADS, or by default the cores shared out among the worker processes."""
+        return self.ort_threads or max(1, (os.cpu_count() or 1) // self.workers)
 
     @property
     def tier_limits(self) -> dict[str, int]:
@@ -119,6 +129,15 @@ class Settings:
             l2_cache_ttl=reader.integer("L2_CACHE_TTL", 86_400, low=0, high=365 * 86_400),
             redis_key_prefix=reader.text("REDIS_KEY_PREFIX", "smally:"),
             usage_buffer_max=reader.integer("USAGE_BUFFER_MAX", 1_000_000, low=1000, high=10**8),
+            ort_threads=reader.integer("ORT_THREADS", 0, low=0, high=256),
+            batch_window_ms=reader.number("BATCH_WINDOW_MS", 1.0, low=0.0, high=100.0),
+            max_batch_tokens=reader.integer("MAX_BATCH_TOKENS", 16_384, low=128, high=10**6),
+            max_queue_tokens=reader.integer("MAX_QUEUE_TOKENS", 262_144, low=128, high=10**8),
+            model_aliases=tuple(
+                alias.strip()
+                for alias in reader.text("MODEL_ALIASES", "").split(",")
+                if alias.strip()
+            ),
         )
 
 

@@ -1,16 +1,14 @@
 """The embedding engine: tokenize -> ONNX forward pass (mean pooling in the graph) -> normalise.
 
-It knows nothing of HTTP. `Embedder` is blocking and thread-safe for one caller at a time;
-`EmbeddingService` puts it behind a single worker thread so the event loop never runs model work.
+It knows nothing of HTTP, and nothing of concurrency: `Embedder` is blocking and is driven
+from one thread by `app.batching.EmbeddingService`.
 """
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -59,6 +57,11 @@ class ModelManifest:
 class EmbeddingBatch:
     vectors: np.ndarray  # float32 [n, dimension]
     token_counts: list[int]
+
+
+def l2_normalize(vectors: np.ndarray) -> np.ndarray:
+    """Rows scaled to unit length (sentence-transformers' Normalize layer)."""
+    return vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
 
 
 class Embedder:
@@ -116,46 +119,10 @@ class Embedder:
             feeds["token_type_ids"] = np.zeros_like(ids)
         (pooled,) = self.session.run(["sentence_embedding"], feeds)
         vectors = np.ascontiguousarray(pooled, dtype=np.float32)
-        if normalize:
-            vectors /= np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
-        return vectors
+        return l2_normalize(vectors) if normalize else vectors
 
     def embed(self, texts: Sequence[str], *, normalize: bool = True) -> EmbeddingBatch:
         """Tokenize and infer in one call (raises TextTooLong before any inference)."""
         token_ids = self.tokenize(texts)
         vectors = self.infer(token_ids, normalize=normalize)
         return EmbeddingBatch(vectors=vectors, token_counts=[len(row) for row in token_ids])
-
-
-class EmbeddingService:
-    """Async front of the engine. Model work runs on one dedicated thread, in arrival order (one,
-    because ONNX Runtime already spreads a forward pass over the cores). Tokenizing a short input
-    takes microseconds, less than a thread hop, so it runs inline; long ones go to a thread of
-    their own so they never hold up the event loop or queue behind inference."""
-
-    INLINE_TOKENIZE_CHARS = 2048
-
-    def __init__(self, embedder: Embedder) -> None:
-        self.embedder = embedder
-        self._inference = ThreadPoolExecutor(max_workers=1, thread_name_prefix="onnx")
-        self._tokenizing = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenize")
-
-    @property
-    def manifest(self) -> ModelManifest:
-        return self.embedder.manifest
-
-    async def tokenize(self, texts: Sequence[str]) -> list[list[int]]:
-        if sum(len(t) for t in texts) <= self.INLINE_TOKENIZE_CHARS:
-            return self.embedder.tokenize(texts)
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._tokenizing, self.embedder.tokenize, texts)
-
-    async def infer(self, token_ids: Sequence[Sequence[int]], *, normalize: bool) -> np.ndarray:
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(
-            self._inference, lambda: self.embedder.infer(token_ids, normalize=normalize)
-        )
-
-    def close(self) -> None:
-        self._inference.shutdown(wait=True, cancel_futures=False)
-        self._tokenizing.shutdown(wait=True, cancel_futures=False)

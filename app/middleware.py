@@ -14,7 +14,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from app.errors import InternalError
 from app.logs import request_id_var
 from app.metrics import Metrics
-from app.responses import error_response
+from app.responses import OPENAI_PATHS, error_response
 
 access_log = logging.getLogger("smally.access")
 log = logging.getLogger(__name__)
@@ -78,9 +78,11 @@ class RequestContextMiddleware:
             log.exception("unhandled error")
             state["error"] = InternalError.code
             if not response_started:
-                await error_response(InternalError("internal server error"))(
-                    scope, receive, send_with_context
+                response = error_response(
+                    InternalError("internal server error"),
+                    openai=scope["path"].startswith(OPENAI_PATHS),
                 )
+                await response(scope, receive, send_with_context)
         finally:
             duration = time.perf_counter() - started
             if discarding is not None:

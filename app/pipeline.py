@@ -7,15 +7,14 @@ comes from.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
 from app.auth import Principal
+from app.batching import EmbeddingService
 from app.cache import EmbeddingCache
-from app.engine import EmbeddingService
 from app.metrics import Metrics
 from app.quota import QuotaService, QuotaState
 
@@ -70,11 +69,9 @@ class EmbeddingPipeline:
         missing = [i for i, vector in enumerate(vectors) if vector is None]
         if missing:
             self.metrics.cache_misses.inc(len(missing))
-            started = time.perf_counter()
             computed = await self.embeddings.infer(
                 [token_ids[i] for i in missing], normalize=normalize
             )
-            self.metrics.inference_latency.observe(time.perf_counter() - started)
             for row, i in enumerate(missing):
                 vectors[i] = computed[row]
                 await self.cache.put(keys[i], computed[row])

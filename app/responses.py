@@ -9,6 +9,9 @@ from starlette.responses import Response
 
 from app.errors import ApiError
 
+# Endpoints that speak OpenAI's dialect, errors included.
+OPENAI_PATHS = ("/v1/embeddings", "/v1/models")
+
 
 class JSONResponse(Response):
     media_type = "application/json"
@@ -17,5 +20,6 @@ class JSONResponse(Response):
         return orjson.dumps(content, option=orjson.OPT_SERIALIZE_NUMPY)
 
 
-def error_response(error: ApiError) -> JSONResponse:
-    return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
+def error_response(error: ApiError, *, openai: bool = False) -> JSONResponse:
+    body = error.openai_body() if openai else error.body()
+    return JSONResponse(body, status_code=error.status, headers=error.headers)

@@ -14,6 +14,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from app.auth import InvalidApiKey, Principal
+from app.batching import Overloaded
 from app.engine import TextTooLong
 from app.errors import (
     ApiError,
@@ -23,6 +24,9 @@ from app.errors import (
     ServiceUnavailable,
     TextTooLongError,
     Unauthorized,
+)
+from app.errors import (
+    Overloaded as OverloadedError,
 )
 from app.pipeline import Served
 from app.quota import QuotaExceeded
@@ -49,6 +53,8 @@ async def index(request: Request) -> Response:
             "endpoints": {
                 "POST /v1/embed": "embed one text (Authorization: Bearer <key>)",
                 "GET /health": "service health",
+                "POST /v1/embeddings": "OpenAI-compatible embeddings (one text or up to 2048)",
+                "GET /v1/models": "the served model (OpenAI-compatible)",
                 "GET /metrics": "Prometheus metrics",
             },
         }
@@ -114,10 +120,12 @@ async def tokenize(services: Services, texts: list[str]) -> list[list[int]]:
     try:
         return await services.embeddings.tokenize(texts)
     except TextTooLong as exc:
+        where = f"input {exc.index}" if len(texts) > 1 else "text"
         raise TextTooLongError(
-            f"text has {exc.tokens} tokens; the limit is {exc.max_tokens}",
+            f"{where} has {exc.tokens} tokens; the limit is {exc.max_tokens}",
             max_tokens=exc.max_tokens,
             tokens=exc.tokens,
+            index=exc.index,
         ) from None
 
 
@@ -136,6 +144,8 @@ async def serve(
             limit=state.limit,
             reset_at=state.reset_at.strftime("%Y-%m-%dT%H:%M:%SZ"),
         ) from None
+    except Overloaded as exc:
+        raise OverloadedError(f"too much work is queued ({exc}); retry shortly") from None
     except _UNAVAILABLE:
         raise ServiceUnavailable("the database is unavailable; retry shortly") from None
 

@@ -12,12 +12,12 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from app import routes
+from app import openai_api, routes
 from app.config import Settings
 from app.errors import ApiError, InternalError, MethodNotAllowed, NotFound
 from app.metrics import Metrics
 from app.middleware import RequestContextMiddleware
-from app.responses import error_response
+from app.responses import OPENAI_PATHS, error_response
 from app.services import Services
 
 
@@ -38,6 +38,8 @@ def create_app(settings: Settings) -> Starlette:
         Route("/health", routes.health, methods=["GET"]),
         Route("/metrics", routes.metrics, methods=["GET"]),
         Route("/v1/embed", routes.embed, methods=["POST"]),
+        Route("/v1/embeddings", openai_api.embeddings, methods=["POST"]),
+        Route("/v1/models", openai_api.models, methods=["GET"]),
     ]
     return Starlette(
         routes=endpoints,
@@ -74,7 +76,7 @@ async def _http_error(request: Request, exc: Exception) -> Response:
 
 def _respond(request: Request, error: ApiError) -> Response:
     request.state.error = error.code  # counted by the middleware
-    return error_response(error)
+    return error_response(error, openai=request.scope["path"].startswith(OPENAI_PATHS))
 
 
 def create_app_from_env() -> Starlette:

@@ -13,10 +13,11 @@ from typing import Any
 from psycopg_pool import AsyncConnectionPool
 
 from app.auth import Authenticator
+from app.batching import EmbeddingService
 from app.buildinfo import build_info
 from app.cache import EmbeddingCache
 from app.config import Settings
-from app.engine import Embedder, EmbeddingService
+from app.engine import Embedder
 from app.metrics import Metrics
 from app.pipeline import EmbeddingPipeline
 from app.quota import QuotaService
@@ -47,7 +48,12 @@ class Services:
     async def start(cls, settings: Settings, metrics: Metrics) -> Services:
         # Loading the model (~0.5 s) and opening the pool overlap; neither blocks the loop.
         embedder_task = asyncio.create_task(
-            asyncio.to_thread(Embedder, settings.model_path, max_tokens=settings.max_tokens)
+            asyncio.to_thread(
+                Embedder,
+                settings.model_path,
+                max_tokens=settings.max_tokens,
+                threads=settings.onnx_threads,
+            )
         )
         pool = await open_pool(settings.database_url, max_size=settings.db_pool_size)
         try:
@@ -63,7 +69,13 @@ class Services:
             on_dropped=metrics.usage_dropped.inc,
         )
         manifest = embedder.manifest
-        embeddings = EmbeddingService(embedder)
+        embeddings = EmbeddingService(
+            embedder,
+            window=settings.batch_window_ms / 1000,
+            max_batch_tokens=settings.max_batch_tokens,
+            max_queue_tokens=settings.max_queue_tokens,
+            on_run=lambda rows, seconds: metrics.inference_latency.observe(seconds),
+        )
         quota = QuotaService(redis, pool, usage, settings.tier_limits)
         cache = EmbeddingCache(
             redis,
@@ -91,6 +103,7 @@ class Services:
         if not await redis.ping():
             redis.failed(ConnectionError("no answer at start-up"))
         redis.start()
+        embeddings.start()
         services.auth.start()
         services.usage.start()
         services.ready = True
@@ -106,7 +119,7 @@ class Services:
         await self.auth.stop()
         await self.redis.stop()
         await self.pool.close()
-        self.embeddings.close()
+        await self.embeddings.stop()
         log.info("stopped")
 
     async def health(self) -> tuple[int, dict[str, Any]]:
