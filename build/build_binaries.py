@@ -125,11 +125,13 @@ def main() -> int:
         path = args.dist / program
         highest, culprits = ceiling(path)
         ok = version_key(highest) <= version_key(args.max_glibc)
-        failed |= not ok
         print(
             f"{path}: {human(path.stat().st_size)}, needs glibc {highest} "
             f"(ceiling {args.max_glibc}: {'ok' if ok else 'TOO NEW, from ' + ', '.join(culprits)})"
         )
+        if not ok:
+            path.unlink()  # never leave a binary behind that the oldest target cannot run
+            failed = True
     return 1 if failed else 0
 
 
