@@ -119,6 +119,16 @@ def main() -> int:
             check=True,
         )
         print(f"built {args.dist / program} in {time.monotonic() - started:.0f} s", flush=True)
+        # Imports the whole command line: a module the spec left out but the CLI needs fails here.
+        shown = subprocess.run(
+            [str(args.dist / program), "--version"], capture_output=True, text=True, check=False
+        )
+        if shown.returncode != 0:
+            print(shown.stderr[-3000:], file=sys.stderr)
+            (args.dist / program).unlink()
+            print(f"{program} --version failed: the spec leaves out something it needs")
+            return 1
+        print(shown.stdout.strip(), flush=True)
 
     failed = False
     for program in PROGRAMS:
