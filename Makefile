@@ -80,3 +80,16 @@ endif
 
 model-int8: install
 	$(PY) build/make_model.py --out $(MODEL_DIR) --quantize int8
+
+# `make bench`: raw ONNX Runtime against the service under wrk, in one run of ~4 minutes
+# (bench/run.py); writes bench/results/<date>.json, latest.md and latest.png. A missed target is
+# reported, not an error. BENCH_ARGS passes options on, e.g. BENCH_ARGS='--only embed-c64'.
+BENCH_ARGS ?=
+.PHONY: bench
+
+$(VENV)/.bench-installed: $(VENV)/.installed
+	$(PY) -m pip install --quiet -e '.[dev,bench]'
+	@touch $@
+
+bench: model-int8 $(VENV)/.bench-installed
+	$(PY) bench/run.py $(BENCH_ARGS)

@@ -1,0 +1,655 @@
+#!/usr/bin/env python3
+"""`make bench`: how close the service comes to raw ONNX Runtime on this machine, in one run.
+
+1. Raw ONNX Runtime in this process: `app.engine.Embedder` (the service's SessionOptions, and its
+   thread count, read from the same Settings the service reads) on the same model file:
+   `infer()` and `session.run` alone, single texts and batches of 1-128: the ceiling. The same
+   for the int8 model (`make model QUANTIZE=int8`) when it is there.
+2. The service (the venv's `api`, on throwaway embedded PostgreSQL and Redis, a `scale` key,
+   SCALE_TIER_LIMIT=-1), loaded by wrk (bench/smally.lua) with a fresh text per request:
+   /v1/embed and /v1/embeddings with 1 and 32 inputs, at concurrency 1, 16 and 64.
+3. The service with the cache warm: /v1/embed on 20 repeated texts at concurrency 16.
+
+Prints one table with the ratios service / raw ceiling and PASS/MISS per target (a miss is a
+finding, not a failure: the exit status is 0), and writes bench/results/<date>.json,
+bench/results/latest.png and bench/results/latest.md (the table, as in the README).
+
+    .venv/bin/python bench/run.py [--duration 8] [--warmup 2] [--only embed-c64] [--profile NAME]
+
+--profile NAME records NAME's measured run with py-spy into bench/results/profile-NAME.svg
+(and collapsed stacks in .txt). Smally settings in the environment (BATCH_WINDOW_MS=2,
+ORT_THREADS=1, WORKERS=2, ...) reach the service and the raw runs alike and are recorded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime as dt
+import json
+import os
+import platform
+import random
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from app.config import Settings  # noqa: E402
+from app.devservers import LocalPostgres, LocalRedis  # noqa: E402
+from app.engine import Embedder  # noqa: E402
+
+BENCH = REPO / "bench"
+RESULTS = BENCH / "results"
+WORDS = BENCH / "words.txt"
+LUA = BENCH / "smally.lua"
+BIN = Path(sys.executable).parent
+MODEL_DIR = REPO / "models" / "all-MiniLM-L6-v2"
+INT8_DIR = REPO / "models" / "all-MiniLM-L6-v2-int8"
+BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64, 128)
+CONCURRENCY = (1, 16, 64)
+
+# The targets (ratios from one run, on the 2-core build machine).
+THROUGHPUT_RATIO = 0.85  # uncached embeddings/s at concurrency 64 / raw batched ceiling
+LATENCY_RATIO = 1.3  # uncached p50 at concurrency 1 / raw single-text p50
+CACHED_RPS = 3000  # cached /v1/embed at concurrency 16
+
+# Settings the bench itself decides; any other Smally variable set in the environment is
+# passed on (and recorded), so `BATCH_WINDOW_MS=2 make bench` measures that setting.
+BENCH_OWNED = {
+    "DATABASE_URL",
+    "REDIS_URL",
+    "API_HOST",
+    "API_PORT",
+    "LOG_LEVEL",
+    "MODEL_PATH",
+    "SCALE_TIER_LIMIT",
+    "REDIS_KEY_PREFIX",
+    "PROMETHEUS_MULTIPROC_DIR",
+}
+SMALLY_VARS = {f.name.upper() for f in dataclasses.fields(Settings)} | BENCH_OWNED
+
+
+@dataclasses.dataclass(frozen=True)
+class Scenario:
+    name: str
+    path: str
+    mode: str  # smally.lua's MODE
+    inputs: int
+    concurrency: int
+    cached: bool = False
+
+    @property
+    def label(self) -> str:
+        what = {"embed": "/v1/embed", "cached": "/v1/embed"}.get(self.mode)
+        what = what or f"/v1/embeddings x{self.inputs}"
+        return f"{what}{' cached' if self.cached else ''}, c={self.concurrency}"
+
+
+SCENARIOS = [
+    *(Scenario(f"embed-c{c}", "/v1/embed", "embed", 1, c) for c in CONCURRENCY),
+    *(Scenario(f"embeddings1-c{c}", "/v1/embeddings", "embeddings", 1, c) for c in CONCURRENCY),
+    *(Scenario(f"embeddings32-c{c}", "/v1/embeddings", "embeddings", 32, c) for c in CONCURRENCY),
+    Scenario("cached-embed-c16", "/v1/embed", "cached", 1, 16, cached=True),
+]
+
+
+def log(msg: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def loadavg() -> list[float]:
+    return [round(x, 2) for x in os.getloadavg()]
+
+
+def words() -> list[str]:
+    return [w for w in WORDS.read_text().split() if w]
+
+
+def sentences(n: int, seed: int) -> list[str]:
+    """n texts of 6-10 random common words, like smally.lua's."""
+    rng = random.Random(seed)
+    vocab = words()
+    return [" ".join(rng.choices(vocab, k=rng.randint(6, 10))) for _ in range(n)]
+
+
+def ensure_wrk() -> str:
+    found = shutil.which("wrk")
+    if found:
+        return found
+    log("wrk is missing: apt-get install -y wrk")
+    install = ["apt-get", "install", "-y", "-q", "wrk"]
+    if subprocess.run(install, stdout=subprocess.DEVNULL).returncode != 0:
+        subprocess.run(["apt-get", "update", "-q"], stdout=subprocess.DEVNULL, check=True)
+        subprocess.run(install, stdout=subprocess.DEVNULL, check=True)
+    return shutil.which("wrk") or sys.exit("wrk could not be installed")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# --------------------------------------------------------------------------- raw ceiling
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
+
+
+def measure_raw(model_dir: Path, settings: Settings, seconds: float) -> dict[str, Any]:
+    """Embedder.infer (and session.run alone) on single texts and on batches of each size."""
+    import numpy as np
+
+    embedder = Embedder(model_dir, max_tokens=128, threads=settings.onnx_threads)
+    pool = embedder.tokenize(sentences(4096, seed=1))  # the same texts for every model
+    for _ in range(30):  # warm-up: first runs allocate and plan
+        embedder.infer([pool[0]], normalize=True)
+
+    def timed(call: Any, budget: float, minimum: int) -> list[float]:
+        times: list[float] = []
+        deadline = time.perf_counter() + budget
+        i = 0
+        while i < minimum or time.perf_counter() < deadline:
+            start = time.perf_counter()
+            call(i)
+            times.append(time.perf_counter() - start)
+            i += 1
+        return times
+
+    single = timed(lambda i: embedder.infer([pool[i % len(pool)]], normalize=True), seconds, 200)
+
+    def feeds(row: list[int]) -> dict[str, Any]:
+        ids = np.array([row], dtype=np.int64)
+        return {"input_ids": ids, "attention_mask": np.ones_like(ids)}
+
+    prepared = [feeds(row) for row in pool[:256]]
+    session_run = timed(
+        lambda i: embedder.session.run(["sentence_embedding"], prepared[i % len(prepared)]),
+        seconds / 2,
+        200,
+    )
+    batches: dict[str, float] = {}
+    for size in BATCH_SIZES:
+        embedder.infer(pool[:size], normalize=True)
+        times = timed(
+            lambda i, size=size: embedder.infer(
+                [pool[(i * size + j) % len(pool)] for j in range(size)], normalize=True
+            ),
+            seconds,
+            3,
+        )
+        batches[str(size)] = round(size * len(times) / sum(times), 1)
+    best = max(batches, key=lambda k: batches[k])
+    return {
+        "model_dir": str(model_dir.relative_to(REPO)),
+        "onnx_sha256": embedder.manifest.onnx_sha256,
+        "threads": settings.onnx_threads,
+        "single_p50_ms": round(statistics.median(single) * 1e3, 3),
+        "single_p99_ms": round(percentile(single, 99) * 1e3, 3),
+        "single_per_s": round(len(single) / sum(single), 1),
+        "session_run_p50_ms": round(statistics.median(session_run) * 1e3, 3),
+        "batch_per_s": batches,
+        "best_batch": int(best),
+        "ceiling_per_s": batches[best],
+        "mean_tokens": round(sum(len(r) for r in pool) / len(pool), 2),
+    }
+
+
+# --------------------------------------------------------------------------- the service
+
+
+class Service:
+    """The venv's `api` on embedded PostgreSQL and Redis in a temporary directory."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
+        self.postgres = LocalPostgres(workdir / "postgres")
+        self.redis = LocalRedis(workdir / "redis", persist=False)
+        self.port = free_port()
+        self.process: subprocess.Popen[bytes] | None = None
+        self.key = ""
+        self.env: dict[str, str] = {}
+
+    def start(self, overrides: dict[str, str]) -> None:
+        database_url = self.postgres.start()
+        redis_url = self.redis.start()
+        self.env = {k: v for k, v in os.environ.items() if k not in SMALLY_VARS}
+        self.env.update(overrides)
+        self.env.update(
+            {
+                "DATABASE_URL": database_url,
+                "REDIS_URL": redis_url,
+                "API_HOST": "127.0.0.1",
+                "API_PORT": str(self.port),
+                "LOG_LEVEL": "warning",
+                "MODEL_PATH": str(MODEL_DIR),
+                "SCALE_TIER_LIMIT": "-1",
+            }
+        )
+        created = subprocess.run(
+            [str(BIN / "create_api_key"), "x@y.z", "scale"],
+            env=self.env,
+            cwd=self.workdir,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        if created.returncode != 0:
+            raise RuntimeError(f"create_api_key failed: {created.stderr.strip()}")
+        self.key = created.stdout.strip()
+        with (self.workdir / "api.log").open("ab") as out:
+            self.process = subprocess.Popen(
+                [str(BIN / "api")],
+                env=self.env,
+                cwd=self.workdir,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+            )
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"api exited with {self.process.returncode}: {self.log()}")
+            try:
+                with urllib.request.urlopen(f"{self.url}/health", timeout=2) as response:
+                    if response.status == 200:
+                        return
+            except (urllib.error.URLError, OSError):
+                pass
+            time.sleep(0.1)
+        raise RuntimeError(f"api not healthy after 60 s: {self.log()}")
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def pid(self) -> int:
+        assert self.process is not None
+        return self.process.pid
+
+    def drain(self, timeout: float = 180) -> float:
+        """Wait until the work queued by the last run is done: an uncached request joins the
+        back of the queue, so its answer means the backlog is gone. Returns the seconds waited."""
+        started = time.monotonic()
+        body = json.dumps({"text": f"drain probe {random.random()} {time.time()}"}).encode()
+        request = urllib.request.Request(
+            f"{self.url}/v1/embed",
+            data=body,
+            headers={"Authorization": f"Bearer {self.key}", "Content-Type": "application/json"},
+        )
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            response.read()
+        return time.monotonic() - started
+
+    def log(self) -> str:
+        path = self.workdir / "api.log"
+        return path.read_text(errors="replace")[-3000:] if path.exists() else ""
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(60)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.redis.stop()
+        self.postgres.stop()
+
+
+def run_wrk(
+    wrk: str, service: Service, scenario: Scenario, seconds: float, seed: int
+) -> dict[str, Any]:
+    threads = min(2, scenario.concurrency)
+    command = [
+        wrk,
+        f"-t{threads}",
+        f"-c{scenario.concurrency}",
+        f"-d{max(1, round(seconds))}s",
+        "--timeout",
+        "10s",
+        "-s",
+        str(LUA),
+        f"{service.url}{scenario.path}",
+        "--",
+        scenario.mode,
+        str(scenario.inputs),
+        str(seed),
+    ]
+    env = {**os.environ, "SMALLY_BENCH_KEY": service.key, "SMALLY_BENCH_WORDS": str(WORDS)}
+    result = subprocess.run(
+        command, env=env, capture_output=True, text=True, timeout=seconds + 60, check=False
+    )
+    lines = [line for line in result.stdout.splitlines() if line.startswith("{")]
+    if result.returncode != 0 or not lines:
+        raise RuntimeError(f"wrk failed ({result.returncode}): {result.stderr or result.stdout}")
+    return json.loads(lines[-1])
+
+
+def measure_scenario(
+    wrk: str,
+    service: Service,
+    scenario: Scenario,
+    seconds: float,
+    warmup: float,
+    seed: int,
+    profile: bool,
+) -> dict[str, Any]:
+    service.drain()
+    if warmup > 0:
+        run_wrk(wrk, service, scenario, warmup, seed)
+        service.drain()
+    recorder = None
+    if profile:
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        svg = RESULTS / f"profile-{scenario.name}.svg"
+        common = ["--pid", str(service.pid), "--duration", str(round(seconds)), "--nonblocking"]
+        recorder = subprocess.Popen(
+            ["py-spy", "record", "-o", str(svg), "--rate", "200", *common],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        raw = subprocess.Popen(  # the same, as collapsed stacks for reading
+            ["py-spy", "record", "-o", str(svg.with_suffix(".txt")), "--format", "raw", *common],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+    load_before = loadavg()
+    stats = run_wrk(wrk, service, scenario, seconds, seed + 1)
+    if recorder is not None:
+        recorder.wait()
+        raw.wait()
+    backlog = service.drain()
+    errors = sum(stats["errors"].values())
+    seconds_run = stats["duration_us"] / 1e6
+    ok = stats["requests"] - stats["errors"]["status"]
+    lat = stats["latency_us"]
+    return {
+        "scenario": scenario.name,
+        "label": scenario.label,
+        "endpoint": scenario.path,
+        "inputs_per_request": scenario.inputs,
+        "concurrency": scenario.concurrency,
+        "cached": scenario.cached,
+        "seconds": round(seconds_run, 2),
+        "requests": stats["requests"],
+        "errors": errors,
+        "error_detail": stats["errors"],
+        "requests_per_s": round(ok / seconds_run, 1),
+        "embeddings_per_s": round(ok * scenario.inputs / seconds_run, 1),
+        "latency_ms": {k: round(v / 1e3, 3) for k, v in lat.items()},
+        "load_before": load_before,
+        "backlog_drained_s": round(backlog, 2),
+    }
+
+
+# --------------------------------------------------------------------------- report
+
+
+def targets(raw: dict[str, Any], runs: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    ceiling = raw["fp32"]["ceiling_per_s"]
+    out = []
+    for name in ("embed-c64", "embeddings1-c64", "embeddings32-c64"):
+        if name in runs:
+            ratio = runs[name]["embeddings_per_s"] / ceiling
+            out.append(
+                {
+                    "target": f"uncached {runs[name]['label']}: embeddings/s >= "
+                    f"{THROUGHPUT_RATIO} x raw batched ceiling",
+                    "value": runs[name]["embeddings_per_s"],
+                    "ratio": round(ratio, 3),
+                    "pass": ratio >= THROUGHPUT_RATIO,
+                }
+            )
+    if "embed-c1" in runs:
+        ratio = runs["embed-c1"]["latency_ms"]["p50"] / raw["fp32"]["single_p50_ms"]
+        out.append(
+            {
+                "target": f"uncached /v1/embed, c=1: p50 <= {LATENCY_RATIO} x raw single-text p50",
+                "value": runs["embed-c1"]["latency_ms"]["p50"],
+                "ratio": round(ratio, 3),
+                "pass": ratio <= LATENCY_RATIO,
+            }
+        )
+    if "cached-embed-c16" in runs:
+        rps = runs["cached-embed-c16"]["requests_per_s"]
+        out.append(
+            {
+                "target": f"cached /v1/embed, c=16: >= {CACHED_RPS} requests/s",
+                "value": rps,
+                "ratio": round(rps / CACHED_RPS, 3),
+                "pass": rps >= CACHED_RPS,
+            }
+        )
+    return out
+
+
+def table(report: dict[str, Any]) -> str:
+    raw, runs = report["raw"], report["service"]
+    fp32 = raw["fp32"]
+    ceiling, single = fp32["ceiling_per_s"], fp32["single_p50_ms"]
+    lines = [
+        "| scenario | requests/s | embeddings/s | p50 ms | p95 ms | p99 ms "
+        "| emb/s ÷ raw fp32 ceiling | p50 ÷ raw 1-text p50 |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name, r in raw.items():
+        lines.append(
+            f"| raw ORT {name}, 1 text (`infer`; `session.run` alone: p50 "
+            f"{r['session_run_p50_ms']:.2f} ms) | {r['single_per_s']:.0f} "
+            f"| {r['single_per_s']:.0f} | {r['single_p50_ms']:.2f} | | {r['single_p99_ms']:.2f} "
+            f"| {r['single_per_s'] / ceiling:.2f} | {r['single_p50_ms'] / single:.2f} |"
+        )
+        batches = ", ".join(f"{k}: {v:.0f}" for k, v in r["batch_per_s"].items())
+        lines.append(
+            f"| raw ORT {name}, best batch = {r['best_batch']} (emb/s by batch size: {batches}) "
+            f"| | {r['ceiling_per_s']:.0f} | | | | {r['ceiling_per_s'] / ceiling:.2f} | |"
+        )
+    for run in runs:
+        lat = run["latency_ms"]
+        err = f" ({run['errors']} errors)" if run["errors"] else ""
+        vs_latency = ""
+        if run["concurrency"] == 1 and run["inputs_per_request"] == 1:
+            vs_latency = f"{lat['p50'] / single:.2f}"
+        lines.append(
+            f"| {run['label']}{err} | {run['requests_per_s']:.0f} | {run['embeddings_per_s']:.0f}"
+            f" | {lat['p50']:.2f} | {lat['p95']:.2f} | {lat['p99']:.2f}"
+            f" | {run['embeddings_per_s'] / ceiling:.2f} | {vs_latency} |"
+        )
+    lines.append("")
+    for t in report["targets"]:
+        lines.append(f"- **{'PASS' if t['pass'] else 'MISS'}** {t['target']}: ratio {t['ratio']}")
+    return "\n".join(lines)
+
+
+def chart(report: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = report["service"]
+    labels = [r["label"].replace(", c=", "\nc=") for r in runs]
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(12, 9), sharex=True)
+    x = range(len(runs))
+    top.bar(x, [r["embeddings_per_s"] for r in runs], color="#4c72b0")
+    for r, colour, style in (("fp32", "#c44e52", "--"), ("int8", "#55a868", ":")):
+        if r in report["raw"]:
+            ceiling = report["raw"][r]["ceiling_per_s"]
+            top.axhline(ceiling, color=colour, linestyle=style, label=f"raw ORT {r} ceiling")
+    top.axhline(
+        report["raw"]["fp32"]["ceiling_per_s"] * THROUGHPUT_RATIO,
+        color="#c44e52",
+        linestyle="-",
+        linewidth=0.6,
+        label=f"{THROUGHPUT_RATIO} x fp32 ceiling",
+    )
+    top.set_ylabel("embeddings/s")
+    top.set_yscale("log")
+    top.legend(loc="upper left", fontsize=8)
+    top.set_title(
+        f"Smally bench {report['date']} ({report['machine']['cpus']} cores, "
+        f"load {report['machine']['load_before'][0]})"
+    )
+    width = 0.27
+    for offset, key, colour in (
+        (-width, "p50", "#4c72b0"),
+        (0, "p95", "#dd8452"),
+        (width, "p99", "#c44e52"),
+    ):
+        bottom.bar(
+            [i + offset for i in x],
+            [r["latency_ms"][key] for r in runs],
+            width,
+            label=key,
+            color=colour,
+        )
+    bottom.axhline(
+        report["raw"]["fp32"]["single_p50_ms"],
+        color="black",
+        linestyle="--",
+        linewidth=0.8,
+        label="raw single-text p50",
+    )
+    bottom.set_yscale("log")
+    bottom.set_ylabel("latency, ms")
+    bottom.legend(loc="upper left", fontsize=8)
+    bottom.set_xticks(list(x))
+    bottom.set_xticklabels(labels, rotation=45, ha="right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+# --------------------------------------------------------------------------- main
+
+
+def git_commit() -> str:
+    result = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True
+    )
+    return result.stdout.strip() or "unknown"
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
+    ap.add_argument("--duration", type=float, default=8.0, help="seconds per scenario")
+    ap.add_argument("--warmup", type=float, default=2.0, help="seconds of warm-up per scenario")
+    ap.add_argument("--raw-seconds", type=float, default=1.5, help="seconds per raw measurement")
+    ap.add_argument("--only", action="append", help="run only these scenarios (repeatable)")
+    ap.add_argument("--profile", action="append", default=[], help="py-spy these scenarios")
+    ap.add_argument("--no-write", action="store_true", help="print only; write no results")
+    args = ap.parse_args(argv)
+
+    wrk = ensure_wrk()
+    started = time.monotonic()
+    overrides = {k: v for k, v in os.environ.items() if k in SMALLY_VARS - BENCH_OWNED}
+    scenarios = [s for s in SCENARIOS if not args.only or s.name in args.only]
+    report: dict[str, Any] = {
+        "date": dt.date.today().isoformat(),
+        "time": dt.datetime.now().isoformat(timespec="seconds"),
+        "git_commit": git_commit(),
+        "machine": {
+            "cpus": os.cpu_count(),
+            "cpu": cpu_model(),
+            "load_before": loadavg(),
+        },
+        "settings_overrides": overrides,
+        "wrk": subprocess.run([wrk, "-v"], capture_output=True, text=True).stdout.split("\n")[0],
+        "duration_s": args.duration,
+        "warmup_s": args.warmup,
+    }
+    import onnxruntime
+
+    report["onnxruntime"] = onnxruntime.__version__
+    log(f"load average {report['machine']['load_before']} before the bench")
+
+    with tempfile.TemporaryDirectory(prefix="smally-bench-") as tmp:
+        service = Service(Path(tmp))
+        try:
+            service.start(overrides)
+            settings = Settings.from_env(service.env, dotenv=None)
+            report["service_threads"] = settings.onnx_threads
+            log(f"service up on {service.url} (pid {service.pid}); raw ORT runs first")
+            raw = {"fp32": measure_raw(MODEL_DIR, settings, args.raw_seconds)}
+            if (INT8_DIR / "manifest.json").exists():
+                raw["int8"] = measure_raw(INT8_DIR, settings, args.raw_seconds)
+            else:
+                log(f"no {INT8_DIR.name} (make model QUANTIZE=int8): int8 skipped")
+            report["raw"] = raw
+            for name, r in raw.items():
+                log(
+                    f"raw {name}: single p50 {r['single_p50_ms']} ms, {r['single_per_s']}/s; "
+                    f"best batch {r['best_batch']}: {r['ceiling_per_s']}/s"
+                )
+            seed = random.SystemRandom().randrange(1, 10**6)
+            results = []
+            for i, scenario in enumerate(scenarios):
+                result = measure_scenario(
+                    wrk,
+                    service,
+                    scenario,
+                    args.duration,
+                    args.warmup,
+                    seed + 10 * i,
+                    scenario.name in args.profile,
+                )
+                results.append(result)
+                log(
+                    f"{scenario.label}: {result['requests_per_s']} req/s, "
+                    f"{result['embeddings_per_s']} emb/s, p50 {result['latency_ms']['p50']} ms, "
+                    f"p99 {result['latency_ms']['p99']} ms, errors {result['errors']}"
+                )
+            report["service"] = results
+        finally:
+            service.stop()
+
+    report["machine"]["load_after"] = loadavg()
+    report["elapsed_s"] = round(time.monotonic() - started, 1)
+    report["targets"] = targets(report["raw"], {r["scenario"]: r for r in report["service"]})
+    text = table(report)
+    print(text)
+    print(
+        f"\nload average {report['machine']['load_before']} before, "
+        f"{report['machine']['load_after']} after; {report['elapsed_s']} s"
+    )
+    if not args.no_write:
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        out = RESULTS / f"{report['date']}.json"
+        out.write_text(json.dumps(report, indent=2) + "\n")
+        (RESULTS / "latest.md").write_text(text + "\n")
+        try:
+            chart(report, RESULTS / "latest.png")
+        except ImportError:
+            log("matplotlib is missing (pip install -e '.[bench]'): no chart")
+        log(f"wrote {out.relative_to(REPO)}, latest.md, latest.png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
