@@ -296,6 +296,21 @@ class Service:
             response.read()
         return time.monotonic() - started
 
+    def counters(self) -> dict[str, float]:
+        """Cache hits, misses (texts the model ran on) and inference runs, from /metrics."""
+        wanted = {
+            "smally_cache_hits_total": "cache_hits",
+            "smally_cache_misses_total": "cache_misses",
+            "smally_inference_latency_seconds_count": "inference_runs",
+        }
+        totals = dict.fromkeys(wanted.values(), 0.0)
+        with urllib.request.urlopen(f"{self.url}/metrics", timeout=30) as response:
+            for line in response.read().decode().splitlines():
+                name = line.split("{", 1)[0].split(" ", 1)[0]
+                if name in wanted:
+                    totals[wanted[name]] += float(line.rsplit(" ", 1)[1])
+        return totals
+
     def log(self) -> str:
         path = self.workdir / "api.log"
         return path.read_text(errors="replace")[-3000:] if path.exists() else ""
@@ -358,23 +373,32 @@ def measure_scenario(
     if profile:
         RESULTS.mkdir(parents=True, exist_ok=True)
         svg = RESULTS / f"profile-{scenario.name}.svg"
+        py_spy = str(BIN / "py-spy") if (BIN / "py-spy").exists() else shutil.which("py-spy")
+        if py_spy is None:
+            raise RuntimeError("py-spy is missing: .venv/bin/pip install py-spy")
         common = ["--pid", str(service.pid), "--duration", str(round(seconds)), "--nonblocking"]
         recorder = subprocess.Popen(
-            ["py-spy", "record", "-o", str(svg), "--rate", "200", *common],
+            [py_spy, "record", "-o", str(svg), "--rate", "200", *common],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
         raw = subprocess.Popen(  # the same, as collapsed stacks for reading
-            ["py-spy", "record", "-o", str(svg.with_suffix(".txt")), "--format", "raw", *common],
+            [py_spy, "record", "-o", str(svg.with_suffix(".txt")), "--format", "raw", *common],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
     load_before = loadavg()
+    before = service.counters()
     stats = run_wrk(wrk, service, scenario, seconds, seed + 1)
     if recorder is not None:
         recorder.wait()
         raw.wait()
     backlog = service.drain()
+    after = service.counters()
+    counts = {k: after[k] - before[k] for k in after}  # the drain probe adds one miss and run
+    counts["cache_misses"] -= 1
+    counts["inference_runs"] -= 1
+    runs = max(counts["inference_runs"], 1)
     errors = sum(stats["errors"].values())
     seconds_run = stats["duration_us"] / 1e6
     ok = stats["requests"] - stats["errors"]["status"]
@@ -395,6 +419,10 @@ def measure_scenario(
         "latency_ms": {k: round(v / 1e3, 3) for k, v in lat.items()},
         "load_before": load_before,
         "backlog_drained_s": round(backlog, 2),
+        "cache_hits": int(counts["cache_hits"]),
+        "cache_misses": int(counts["cache_misses"]),
+        "inference_runs": int(counts["inference_runs"]),
+        "mean_rows_per_run": round(counts["cache_misses"] / runs, 2),
     }
 
 
@@ -623,7 +651,8 @@ def main(argv: list[str] | None = None) -> int:
                 log(
                     f"{scenario.label}: {result['requests_per_s']} req/s, "
                     f"{result['embeddings_per_s']} emb/s, p50 {result['latency_ms']['p50']} ms, "
-                    f"p99 {result['latency_ms']['p99']} ms, errors {result['errors']}"
+                    f"p99 {result['latency_ms']['p99']} ms, errors {result['errors']}, "
+                    f"cache hits {result['cache_hits']}, {result['mean_rows_per_run']} rows/run"
                 )
             report["service"] = results
         finally:
