@@ -2,8 +2,9 @@
 
 The lookup is by SHA-256 of the presented key (an indexed equality on the hash), never a
 comparison on the plain key, so response time says nothing about how close a guess was.
-Valid and unknown keys are both cached for `ttl` seconds, which keeps PostgreSQL off the hot path
-and makes floods of random keys cheap; a revoked key is refused within `ttl`.
+Valid and unknown keys are both cached for `ttl` seconds, which keeps PostgreSQL off the hot path;
+concurrent lookups are coalesced into one query, which makes floods of random keys cheap; a
+revoked key is refused within `ttl`.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import contextlib
 import logging
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from psycopg_pool import AsyncConnectionPool
@@ -41,6 +43,7 @@ class Authenticator:
         ttl: float,
         max_entries: int = 100_000,
         last_used_interval: float = 5.0,
+        on_query: Callable[[], None] = lambda: None,
     ) -> None:
         self.pool = pool
         self.ttl = ttl
@@ -49,6 +52,10 @@ class Authenticator:
         self._cache: OrderedDict[str, tuple[float, Principal | None]] = OrderedDict()
         self._used_keys: set[int] = set()
         self._flusher: asyncio.Task[None] | None = None
+        self.max_lookup_batch = 1000
+        self.on_query = on_query
+        self._waiting: dict[str, asyncio.Future[Principal | None]] = {}
+        self._lookups: asyncio.Task[None] | None = None
 
     async def authenticate(self, authorization: str | None) -> Principal:
         key = _bearer_token(authorization)
@@ -66,17 +73,50 @@ class Authenticator:
         return principal
 
     async def _lookup(self, digest: str) -> Principal | None:
+        """Look `digest` up together with every other lookup waiting meanwhile.
+
+        Lookups are coalesced: one query at a time, for all the hashes that arrived while the
+        previous one ran, and one future per hash however many requests carry it. A flood of
+        random keys therefore costs a handful of queries, not one each.
+        """
+        future = self._waiting.get(digest)
+        if future is None:
+            future = asyncio.get_running_loop().create_future()
+            self._waiting[digest] = future
+            if self._lookups is None or self._lookups.done():
+                self._lookups = asyncio.create_task(self._run_lookups(), name="key-lookups")
+        return await asyncio.shield(future)
+
+    async def _run_lookups(self) -> None:
+        while self._waiting:
+            await asyncio.sleep(0)  # let this turn of the loop add its lookups too
+            batch = dict(list(self._waiting.items())[: self.max_lookup_batch])
+            for digest in batch:
+                del self._waiting[digest]
+            try:
+                found = await self._query(list(batch))
+            except Exception as exc:
+                for future in batch.values():
+                    if not future.done():
+                        future.set_exception(exc)
+                continue
+            for digest, future in batch.items():
+                if not future.done():
+                    future.set_result(found.get(digest))
+
+    async def _query(self, digests: list[str]) -> dict[str, Principal]:
+        self.on_query()
         async with self.pool.connection() as conn:
             cursor = await conn.execute(
                 """
-                SELECT k.id, k.user_id, u.tier
+                SELECT k.key_hash, k.id, k.user_id, u.tier
                   FROM api_keys k JOIN users u ON u.id = k.user_id
-                 WHERE k.key_hash = %s AND k.is_active AND u.is_active
+                 WHERE k.key_hash = ANY(%s) AND k.is_active AND u.is_active
                 """,
-                (digest,),
+                (digests,),
             )
-            row = await cursor.fetchone()
-        return None if row is None else Principal(key_id=row[0], user_id=row[1], tier=row[2])
+            rows = await cursor.fetchall()
+        return {row[0]: Principal(key_id=row[1], user_id=row[2], tier=row[3]) for row in rows}
 
     def _remember(self, digest: str, principal: Principal | None, now: float) -> None:
         if self.ttl <= 0:

@@ -77,6 +77,9 @@ class Metrics:
             buckets=TOKEN_BUCKETS,
             registry=metric_registry,
         )
+        self.key_queries = counter(
+            "smally_key_lookup_queries_total", "Queries that looked API keys up in PostgreSQL"
+        )
         self.errors = counter("smally_errors_total", "Error responses by code", ("error",))
         self.rate_limited = counter(
             "smally_rate_limit_exceeded_total", "Requests refused by quota", ("tier",)
@@ -105,6 +108,7 @@ class Metrics:
             self.cache_hits.labels(level)
         self.usage_dropped.inc(0)
         self.cache_misses.inc(0)
+        self.key_queries.inc(0)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

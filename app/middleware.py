@@ -19,6 +19,8 @@ from app.responses import OPENAI_PATHS, error_response
 access_log = logging.getLogger("smally.access")
 log = logging.getLogger(__name__)
 
+# Answers are per caller and per moment: never cached by proxies, never sniffed as HTML.
+_SECURITY_HEADERS = ((b"x-content-type-options", b"nosniff"), (b"cache-control", b"no-store"))
 _DISCARD_IDLE = 1.0
 _DISCARD_LIMIT = 30.0
 _CLIENT_REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
@@ -57,7 +59,11 @@ class RequestContextMiddleware:
             if message["type"] == "http.response.start":
                 response_started = True
                 status = message["status"]
-                headers = [*message.get("headers", []), (b"x-request-id", request_id.encode())]
+                headers = [
+                    *message.get("headers", []),
+                    (b"x-request-id", request_id.encode()),
+                    *_SECURITY_HEADERS,
+                ]
                 if not body_complete:
                     # Answered before the body was read (413, 401, ...): this connection
                     # cannot carry another request, so say so.

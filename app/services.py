@@ -89,7 +89,7 @@ class Services:
             embeddings=embeddings,
             pool=pool,
             redis=redis,
-            auth=Authenticator(pool, ttl=settings.auth_cache_ttl),
+            auth=Authenticator(pool, ttl=settings.auth_cache_ttl, on_query=metrics.key_queries.inc),
             usage=usage,
             quota=quota,
             cache=cache,

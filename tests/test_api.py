@@ -30,6 +30,9 @@ def test_embed_response_shape(api: ApiProcess, key: str) -> None:
     assert body["cached"] is False
     assert body["latency_ms"] > 0
     assert response.headers["x-request-id"]
+    assert response.headers["x-content-type-options"] == "nosniff"
+    assert response.headers["cache-control"] == "no-store"
+    assert "server" not in response.headers  # no version banner
 
 
 @pytest.mark.parametrize(

@@ -200,3 +200,41 @@ def test_sigterm_drains_in_flight_requests_and_flushes_usage(
     with psycopg.connect(env["DATABASE_URL"]) as conn:
         (served,) = conn.execute("SELECT sum(embeddings_count) FROM usage").fetchone()
     assert served == 48
+
+
+def test_a_flood_of_random_keys_costs_a_handful_of_queries(api: ApiProcess, key: str) -> None:
+    import asyncio
+    import secrets
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    def queries() -> float:
+        text = httpx.get(f"{api.base_url}/metrics", timeout=10).text
+        return next(
+            s.value
+            for f in text_string_to_metric_families(text)
+            for s in f.samples
+            if s.name == "smally_key_lookup_queries_total"
+        )
+
+    async def flood() -> list[int]:
+        limits = httpx.Limits(max_connections=50)
+        async with httpx.AsyncClient(base_url=api.base_url, timeout=120, limits=limits) as http:
+            responses = await asyncio.gather(
+                *(
+                    http.post(
+                        "/v1/embed",
+                        json={"text": "x"},
+                        headers={"Authorization": f"Bearer sk_{secrets.token_hex(32)}"},
+                    )
+                    for _ in range(1000)
+                )
+            )
+        return [r.status_code for r in responses]
+
+    before = queries()
+    assert asyncio.run(flood()) == [401] * 1000
+    spent = queries() - before
+    assert 1 <= spent <= 250, spent  # 1,000 unknown keys, looked up in batches
+    with api.client(key) as client:  # and valid users are still served
+        assert client.post("/v1/embed", json={"text": "still here"}).status_code == 200
