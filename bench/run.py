@@ -16,7 +16,7 @@ bench/results/latest.png and bench/results/latest.md (the table, as in the READM
 
     .venv/bin/python bench/run.py [--duration 8] [--warmup 2] [--only embed-c64] [--profile NAME]
 
---profile NAME records NAME's measured run with py-spy into bench/results/profile-NAME.svg
+--profile NAME records NAME's measured run with py-spy into .cache/bench/profile-NAME.svg
 (and collapsed stacks in .txt). Smally settings in the environment (BATCH_WINDOW_MS=2,
 ORT_THREADS=1, WORKERS=2, ...) reach the service and the raw runs alike and are recorded.
 """
@@ -52,6 +52,7 @@ from app.engine import Embedder  # noqa: E402
 
 BENCH = REPO / "bench"
 RESULTS = BENCH / "results"
+PROFILES = REPO / ".cache" / "bench"  # git-ignored
 WORDS = BENCH / "words.txt"
 LUA = BENCH / "smally.lua"
 BIN = Path(sys.executable).parent
@@ -371,8 +372,8 @@ def measure_scenario(
         service.drain()
     recorder = None
     if profile:
-        RESULTS.mkdir(parents=True, exist_ok=True)
-        svg = RESULTS / f"profile-{scenario.name}.svg"
+        PROFILES.mkdir(parents=True, exist_ok=True)
+        svg = PROFILES / f"profile-{scenario.name}.svg"
         py_spy = str(BIN / "py-spy") if (BIN / "py-spy").exists() else shutil.which("py-spy")
         if py_spy is None:
             raise RuntimeError("py-spy is missing: .venv/bin/pip install py-spy")
@@ -390,9 +391,14 @@ def measure_scenario(
     load_before = loadavg()
     before = service.counters()
     stats = run_wrk(wrk, service, scenario, seconds, seed + 1)
+    profile = None
     if recorder is not None:
         recorder.wait()
         raw.wait()
+        profile = summarize_profile(svg.with_suffix(".txt"))
+        log(f"py-spy {scenario.name}: {svg}; samples by place: {profile['share']}")
+        for frame in profile["top_own_frames"]:
+            log(f"  {frame['share']:6.1%}  {frame['frame']}")
     backlog = service.drain()
     after = service.counters()
     counts = {k: after[k] - before[k] for k in after}  # the drain probe adds one miss and run
@@ -423,6 +429,38 @@ def measure_scenario(
         "cache_misses": int(counts["cache_misses"]),
         "inference_runs": int(counts["inference_runs"]),
         "mean_rows_per_run": round(counts["cache_misses"] / runs, 2),
+        **({"profile": profile} if profile else {}),
+    }
+
+
+def summarize_profile(path: Path, top: int = 12) -> dict[str, Any]:
+    """Where the samples of a py-spy collapsed-stack file went: the event loop (main thread),
+    ONNX Runtime (a stack through Session.run) or other threads; and the busiest frames."""
+    own: dict[str, int] = {}
+    where = {"event loop": 0, "onnx Session.run": 0, "other threads": 0}
+    total = 0
+    for line in path.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack or not count.isdigit():
+            continue
+        n = int(count)
+        total += n
+        frames = stack.split(";")
+        if any(f.startswith("Session.run ") for f in frames):
+            where["onnx Session.run"] += n
+        elif frames[0].startswith("Thread._bootstrap"):
+            where["other threads"] += n
+        else:
+            where["event loop"] += n
+        own[frames[-1]] = own.get(frames[-1], 0) + n
+    total = max(total, 1)
+    return {
+        "samples": total,
+        "share": {k: round(v / total, 3) for k, v in where.items()},
+        "top_own_frames": [
+            {"frame": frame, "share": round(n / total, 3)}
+            for frame, n in sorted(own.items(), key=lambda kv: -kv[1])[:top]
+        ],
     }
 
 
