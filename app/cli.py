@@ -7,21 +7,23 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable
-from typing import Any
+from datetime import datetime
+from typing import Any, NoReturn, TypeVar
 
 import click
 import psycopg
 
-from app.billing import monthly_usage, parse_month
+from app.billing import KeyUsage, monthly_usage, parse_month
 from app.buildinfo import version_line
 from app.config import ConfigError, Settings
 from app.keys import AccountError, create_key, list_keys, normalize_email, revoke_key
 from app.storage import apply_migrations, migration_status
 
 EXIT_CONFIG = 2
+T = TypeVar("T")
 
 
-def _fail(message: str, code: int = 1) -> None:
+def _fail(message: str, code: int = 1) -> NoReturn:
     click.echo(f"error: {message}", err=True)
     sys.exit(code)
 
@@ -31,7 +33,6 @@ def load_settings(**kwargs: Any) -> Settings:
         return Settings.from_env(**kwargs)
     except ConfigError as exc:
         _fail(str(exc), EXIT_CONFIG)
-        raise  # unreachable; keeps type checkers content
 
 
 def migrate_or_exit(database_url: str) -> list[str]:
@@ -39,7 +40,18 @@ def migrate_or_exit(database_url: str) -> list[str]:
         return apply_migrations(database_url)
     except psycopg.OperationalError as exc:
         _fail(f"cannot reach PostgreSQL (DATABASE_URL): {_first_line(exc)}")
-        raise
+
+
+def in_database(settings: Settings, action: Callable[[psycopg.Connection], T]) -> T:
+    """An operator command's database work: bad input or an unreachable database is one line
+    on stderr and exit status 1, never a traceback."""
+    try:
+        with psycopg.connect(settings.database_url, autocommit=True) as conn:
+            return action(conn)
+    except AccountError as exc:
+        _fail(str(exc))
+    except psycopg.OperationalError as exc:
+        _fail(f"cannot reach PostgreSQL (DATABASE_URL): {_first_line(exc)}")
 
 
 def _first_line(exc: BaseException) -> str:
@@ -100,13 +112,12 @@ def migrate() -> None:
 def usage(email: str, month: str | None) -> None:
     """Embeddings and tokens of EMAIL's keys in a month, for billing."""
     settings = load_settings(require_redis=False)
-    try:
+
+    def report(conn: psycopg.Connection) -> tuple[datetime, list[KeyUsage]]:
         start = parse_month(month)
-        with psycopg.connect(settings.database_url, autocommit=True) as conn:
-            rows = monthly_usage(conn, email, start)
-    except AccountError as exc:
-        _fail(str(exc))
-        return
+        return start, monthly_usage(conn, email, start)
+
+    start, rows = in_database(settings, report)
     click.echo(f"{normalize_email(email)}  {start:%Y-%m}")
     click.echo(f"{'key':<14} {'name':<20} {'embeddings':>12} {'tokens':>14}")
     for row in rows:
@@ -129,13 +140,7 @@ def keys() -> None:
 def keys_list(email: str) -> None:
     """The keys of EMAIL (prefix, name, state, created, last used)."""
     settings = load_settings(require_redis=False)
-    try:
-        with psycopg.connect(settings.database_url, autocommit=True) as conn:
-            found = list_keys(conn, email)
-    except AccountError as exc:
-        _fail(str(exc))
-        return
-    for key in found:
+    for key in in_database(settings, lambda conn: list_keys(conn, email)):
         last_used = key.last_used_at.isoformat(timespec="seconds") if key.last_used_at else "never"
         click.echo(
             f"{key.key_prefix}\t{'active' if key.is_active else 'revoked'}\t"
@@ -148,13 +153,7 @@ def keys_list(email: str) -> None:
 def keys_revoke(key_prefix: str) -> None:
     """Revoke the key starting with KEY_PREFIX (refused within AUTH_CACHE_TTL seconds)."""
     settings = load_settings(require_redis=False)
-    try:
-        with psycopg.connect(settings.database_url, autocommit=True) as conn:
-            revoked = revoke_key(conn, key_prefix)
-    except AccountError as exc:
-        _fail(str(exc))
-        return
-    click.echo(f"revoked {revoked}")
+    click.echo(f"revoked {in_database(settings, lambda conn: revoke_key(conn, key_prefix))}")
 
 
 @click.command()
@@ -169,12 +168,9 @@ def create_api_key(email: str, tier: str | None, name: str | None) -> None:
     """
     settings = load_settings(require_redis=False)
     migrate_or_exit(settings.database_url)
-    try:
-        with psycopg.connect(settings.database_url, autocommit=True) as conn:
-            created = create_key(conn, email, tier, name, settings.api_key_prefix)
-    except AccountError as exc:
-        _fail(str(exc))
-        return
+    created = in_database(
+        settings, lambda conn: create_key(conn, email, tier, name, settings.api_key_prefix)
+    )
     click.echo(created.key)
     verb = "created" if created.user_created else "updated"
     click.echo(

@@ -177,3 +177,23 @@ def load_reference() -> dict:
 def cosine(a, b) -> float:
     a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
     return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
+
+
+def build_tiny_model(out: Path) -> Path:
+    """A tiny randomly initialised model, through the same build code as the real one."""
+    subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "build" / "make_model.py"),
+            "--out",
+            str(out),
+            "--tiny",
+            "--cache-dir",
+            str(REPO / ".cache" / "model-src"),
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    return out

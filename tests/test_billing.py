@@ -17,7 +17,14 @@ import redis
 
 from app.devservers import LocalPostgres, LocalRedis
 from tests.conftest import Servers
-from tests.helpers import ApiProcess, base_env, create_key, new_database, run_cli
+from tests.helpers import (
+    ApiProcess,
+    base_env,
+    build_tiny_model,
+    create_key,
+    new_database,
+    run_cli,
+)
 
 
 def next_month_start() -> datetime:
@@ -302,26 +309,7 @@ def test_cache_levels_and_keys(env: dict[str, str], tmp_path: Path) -> None:
 def test_swapped_model_never_gets_the_old_models_vectors(
     env: dict[str, str], tmp_path: Path
 ) -> None:
-    from tests.helpers import REPO
-
-    tiny = tmp_path / "tiny-model"
-    import subprocess
-    import sys
-
-    subprocess.run(
-        [
-            sys.executable,
-            str(REPO / "build" / "make_model.py"),
-            "--out",
-            str(tiny),
-            "--tiny",
-            "--cache-dir",
-            str(REPO / ".cache" / "model-src"),
-        ],
-        check=True,
-        capture_output=True,
-        timeout=300,
-    )
+    tiny = build_tiny_model(tmp_path / "tiny-model")
     real = ApiProcess(env, tmp_path).start()
     try:
         real.wait_healthy()

@@ -12,7 +12,7 @@ import numpy as np
 import onnxruntime as ort
 
 from app.engine import Embedder
-from tests.helpers import MODEL_PATH, REPO
+from tests.helpers import MODEL_PATH, REPO, build_tiny_model
 
 spec = importlib.util.spec_from_file_location("make_model", REPO / "build" / "make_model.py")
 assert spec is not None and spec.loader is not None
@@ -34,22 +34,7 @@ def test_graph_matches_a_numpy_forward_pass(tmp_path: Path) -> None:
 
 
 def test_tiny_model_is_served_by_the_same_engine(tmp_path: Path) -> None:
-    out = tmp_path / "tiny-model"
-    result = subprocess.run(
-        [
-            sys.executable,
-            str(REPO / "build" / "make_model.py"),
-            "--out",
-            str(out),
-            "--tiny",
-            "--cache-dir",
-            str(REPO / ".cache" / "model-src"),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stderr + result.stdout
+    out = build_tiny_model(tmp_path / "tiny-model")
     embedder = Embedder(out, max_tokens=128)
     assert embedder.manifest.name == "tiny-random"
     batch = embedder.embed(["hello world", "a"])
