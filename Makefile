@@ -68,7 +68,7 @@ endif
 
 # The aarch64 build, then its `api` under qemu-user against real PostgreSQL and Redis (slow).
 test-arm64: lint model
-	SMALLY_TEST_ARM64=1 $(PY) -m pytest tests/test_frozen_arm64.py $(PYTEST_ARGS)
+	$(PY) -m pytest -m arm64 tests/test_frozen_arm64.py $(PYTEST_ARGS)
 
 # `make model QUANTIZE=int8` also builds the int8 variant into $(MODEL_DIR)-int8
 # (build/quantize_model.py; serve it with MODEL_PATH=$(MODEL_DIR)-int8).
