@@ -4,7 +4,8 @@
 1. Raw ONNX Runtime in this process: `app.engine.Embedder` (the service's SessionOptions, and its
    thread count, read from the same Settings the service reads) on the same model file:
    `infer()` and `session.run` alone, single texts and batches of 1-128: the ceiling. The same
-   for the int8 model (`make model QUANTIZE=int8`) when it is there.
+   for the int8 model (`make model QUANTIZE=int8`) when it is there. Measured before and after
+   the service runs; the better of the two counts (the machine may be shared).
 2. The service (the venv's `api`, on throwaway embedded PostgreSQL and Redis, a `scale` key,
    SCALE_TIER_LIMIT=-1), loaded by wrk (bench/smally.lua) with a fresh text per request:
    /v1/embed and /v1/embeddings with 1 and 32 inputs, at concurrency 1, 16 and 64.
@@ -210,6 +211,33 @@ def measure_raw(model_dir: Path, settings: Settings, seconds: float) -> dict[str
     }
 
 
+def raw_pass(models: dict[str, Path], settings: Settings, seconds: float) -> dict[str, Any]:
+    out = {}
+    for name, model_dir in models.items():
+        out[name] = r = measure_raw(model_dir, settings, seconds)
+        r["load_before"] = loadavg()
+        log(
+            f"raw {name}: single p50 {r['single_p50_ms']} ms, {r['single_per_s']}/s; "
+            f"best batch {r['best_batch']}: {r['ceiling_per_s']}/s"
+        )
+    return out
+
+
+def best_of(passes: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per measurement, the better of the passes: a busy moment on a shared machine slows a
+    pass down, never speeds it up, so the best is the truest ceiling (and the harder target)."""
+    best = dict(passes[0])
+    best["single_p50_ms"] = min(p["single_p50_ms"] for p in passes)
+    best["single_p99_ms"] = min(p["single_p99_ms"] for p in passes)
+    best["session_run_p50_ms"] = min(p["session_run_p50_ms"] for p in passes)
+    best["single_per_s"] = max(p["single_per_s"] for p in passes)
+    best["batch_per_s"] = {k: max(p["batch_per_s"][k] for p in passes) for k in best["batch_per_s"]}
+    best["best_batch"] = int(max(best["batch_per_s"], key=lambda k: best["batch_per_s"][k]))
+    best["ceiling_per_s"] = best["batch_per_s"][str(best["best_batch"])]
+    best.pop("load_before", None)
+    return best
+
+
 # --------------------------------------------------------------------------- the service
 
 
@@ -383,8 +411,9 @@ def measure_scenario(
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
-        raw = subprocess.Popen(  # the same, as collapsed stacks for reading
-            [py_spy, "record", "-o", str(svg.with_suffix(".txt")), "--format", "raw", *common],
+        stacks = ["-o", str(svg.with_suffix(".txt")), "--format", "raw", "--idle"]
+        raw = subprocess.Popen(  # the same, with idle waits, as collapsed stacks for reading
+            [py_spy, "record", *stacks, "--rate", str(PROFILE_RATE), *common],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
@@ -395,10 +424,10 @@ def measure_scenario(
     if recorder is not None:
         recorder.wait()
         raw.wait()
-        profile = summarize_profile(svg.with_suffix(".txt"))
-        log(f"py-spy {scenario.name}: {svg}; samples by place: {profile['share']}")
+        profile = summarize_profile(svg.with_suffix(".txt"), round(seconds))
+        log(f"py-spy {scenario.name}: {svg}; wall time: {profile['wall_fraction']}")
         for frame in profile["top_own_frames"]:
-            log(f"  {frame['share']:6.1%}  {frame['frame']}")
+            log(f"  {frame['wall_fraction']:6.1%}  {frame['frame']}")
     backlog = service.drain()
     after = service.counters()
     counts = {k: after[k] - before[k] for k in after}  # the drain probe adds one miss and run
@@ -433,32 +462,37 @@ def measure_scenario(
     }
 
 
-def summarize_profile(path: Path, top: int = 12) -> dict[str, Any]:
-    """Where the samples of a py-spy collapsed-stack file went: the event loop (main thread),
-    ONNX Runtime (a stack through Session.run) or other threads; and the busiest frames."""
+PROFILE_RATE = 100  # py-spy samples per second
+
+
+def summarize_profile(path: Path, seconds: float, top: int = 12) -> dict[str, Any]:
+    """Where the wall time of a py-spy collapsed-stack file (recorded with --idle) went, as
+    fractions of the run: the event loop (main thread) busy or waiting in select(), ONNX
+    Runtime running (a stack through Session.run), other threads busy; and the busiest frames
+    (idle waits left out). A fraction near 1.0 for one thread means that thread is saturated."""
     own: dict[str, int] = {}
-    where = {"event loop": 0, "onnx Session.run": 0, "other threads": 0}
-    total = 0
+    where = {"event loop busy": 0, "event loop idle": 0, "onnx Session.run": 0, "other busy": 0}
+    idle_leaves = ("EpollSelector.select ", "_worker (concurrent", "wait (threading")
     for line in path.read_text().splitlines():
         stack, _, count = line.rpartition(" ")
         if not stack or not count.isdigit():
             continue
         n = int(count)
-        total += n
         frames = stack.split(";")
+        idle = frames[-1].startswith(idle_leaves)
         if any(f.startswith("Session.run ") for f in frames):
             where["onnx Session.run"] += n
         elif frames[0].startswith("Thread._bootstrap"):
-            where["other threads"] += n
+            where["other busy"] += 0 if idle else n
         else:
-            where["event loop"] += n
-        own[frames[-1]] = own.get(frames[-1], 0) + n
-    total = max(total, 1)
+            where["event loop idle" if idle else "event loop busy"] += n
+        if not idle:
+            own[frames[-1]] = own.get(frames[-1], 0) + n
+    wall = max(seconds * PROFILE_RATE, 1)
     return {
-        "samples": total,
-        "share": {k: round(v / total, 3) for k, v in where.items()},
+        "wall_fraction": {k: round(v / wall, 3) for k, v in where.items()},
         "top_own_frames": [
-            {"frame": frame, "share": round(n / total, 3)}
+            {"frame": frame, "wall_fraction": round(n / wall, 3)}
             for frame, n in sorted(own.items(), key=lambda kv: -kv[1])[:top]
         ],
     }
@@ -467,19 +501,41 @@ def summarize_profile(path: Path, top: int = 12) -> dict[str, Any]:
 # --------------------------------------------------------------------------- report
 
 
+def raw_at(raw: dict[str, Any], rows: float) -> float:
+    """Raw embeddings/s at a batch of `rows`, interpolated between the measured sizes (in log2)
+    and held flat past the largest."""
+    import math
+
+    sizes = sorted(int(k) for k in raw["batch_per_s"])
+    rate = {size: raw["batch_per_s"][str(size)] for size in sizes}
+    rows = min(max(rows, sizes[0]), sizes[-1])
+    upper = next(size for size in sizes if size >= rows)
+    lower = max(size for size in sizes if size <= rows)
+    if upper == lower:
+        return rate[lower]
+    t = (math.log2(rows) - math.log2(lower)) / (math.log2(upper) - math.log2(lower))
+    return rate[lower] + t * (rate[upper] - rate[lower])
+
+
 def targets(raw: dict[str, Any], runs: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
     ceiling = raw["fp32"]["ceiling_per_s"]
     out = []
     for name in ("embed-c64", "embeddings1-c64", "embeddings32-c64"):
         if name in runs:
-            ratio = runs[name]["embeddings_per_s"] / ceiling
+            run = runs[name]
+            ratio = run["embeddings_per_s"] / ceiling
+            # Diagnosis: how far the batches it formed fall short, and how far the rest.
+            at_batch = raw_at(raw["fp32"], run["mean_rows_per_run"])
             out.append(
                 {
-                    "target": f"uncached {runs[name]['label']}: embeddings/s >= "
+                    "target": f"uncached {run['label']}: embeddings/s >= "
                     f"{THROUGHPUT_RATIO} x raw batched ceiling",
-                    "value": runs[name]["embeddings_per_s"],
+                    "value": run["embeddings_per_s"],
                     "ratio": round(ratio, 3),
                     "pass": ratio >= THROUGHPUT_RATIO,
+                    "note": f"{run['mean_rows_per_run']:.0f} rows per forward pass on average; "
+                    f"raw ORT at that batch size: {at_batch:.0f}/s, of which the service "
+                    f"reached {run['embeddings_per_s'] / at_batch:.2f}",
                 }
             )
     if "embed-c1" in runs:
@@ -539,7 +595,10 @@ def table(report: dict[str, Any]) -> str:
         )
     lines.append("")
     for t in report["targets"]:
-        lines.append(f"- **{'PASS' if t['pass'] else 'MISS'}** {t['target']}: ratio {t['ratio']}")
+        note = f" ({t['note']})" if t.get("note") else ""
+        lines.append(
+            f"- **{'PASS' if t['pass'] else 'MISS'}** {t['target']}: ratio {t['ratio']}{note}"
+        )
     return "\n".join(lines)
 
 
@@ -626,7 +685,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     ap.add_argument("--duration", type=float, default=8.0, help="seconds per scenario")
     ap.add_argument("--warmup", type=float, default=2.0, help="seconds of warm-up per scenario")
-    ap.add_argument("--raw-seconds", type=float, default=1.5, help="seconds per raw measurement")
+    ap.add_argument("--raw-seconds", type=float, default=1.0, help="seconds per raw measurement")
     ap.add_argument("--only", action="append", help="run only these scenarios (repeatable)")
     ap.add_argument("--profile", action="append", default=[], help="py-spy these scenarios")
     ap.add_argument("--no-write", action="store_true", help="print only; write no results")
@@ -662,17 +721,12 @@ def main(argv: list[str] | None = None) -> int:
             settings = Settings.from_env(service.env, dotenv=None)
             report["service_threads"] = settings.onnx_threads
             log(f"service up on {service.url} (pid {service.pid}); raw ORT runs first")
-            raw = {"fp32": measure_raw(MODEL_DIR, settings, args.raw_seconds)}
+            models = {"fp32": MODEL_DIR}
             if (INT8_DIR / "manifest.json").exists():
-                raw["int8"] = measure_raw(INT8_DIR, settings, args.raw_seconds)
+                models["int8"] = INT8_DIR
             else:
                 log(f"no {INT8_DIR.name} (make model QUANTIZE=int8): int8 skipped")
-            report["raw"] = raw
-            for name, r in raw.items():
-                log(
-                    f"raw {name}: single p50 {r['single_p50_ms']} ms, {r['single_per_s']}/s; "
-                    f"best batch {r['best_batch']}: {r['ceiling_per_s']}/s"
-                )
+            passes = [raw_pass(models, settings, args.raw_seconds)]
             seed = random.SystemRandom().randrange(1, 10**6)
             results = []
             for i, scenario in enumerate(scenarios):
@@ -693,8 +747,12 @@ def main(argv: list[str] | None = None) -> int:
                     f"cache hits {result['cache_hits']}, {result['mean_rows_per_run']} rows/run"
                 )
             report["service"] = results
+            log("raw ORT again, after the service runs (the ceiling is the better of the two)")
+            passes.append(raw_pass(models, settings, args.raw_seconds))
         finally:
             service.stop()
+    report["raw_passes"] = passes
+    report["raw"] = {name: best_of([p[name] for p in passes]) for name in passes[0]}
 
     report["machine"]["load_after"] = loadavg()
     report["elapsed_s"] = round(time.monotonic() - started, 1)
