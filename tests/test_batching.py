@@ -64,13 +64,13 @@ def test_a_lone_request_does_not_wait_for_the_window(embedder) -> None:
     assert runs == [1] and vectors.shape == (1, 384)
 
 
-def test_sub_batches_keep_padding_within_the_budget(embedder) -> None:
-    rows = embedder.tokenize(["a", "a b", " ".join(["word"] * 100), "c d e"])
+def test_passes_in_length_order_give_each_row_its_own_vector(embedder) -> None:
+    rows = embedder.tokenize(["a", "a b", " ".join(["word"] * 100), "c d e", "f g h i j k"])
 
     async def submit(queue):
         return await queue.submit(rows, normalize=False)
 
-    vectors, _ = run(embedder, submit, max_batch_tokens=128)
+    vectors, _ = run(embedder, submit, pass_rows=2)
     expected = embedder.infer(rows, normalize=False)
     np.testing.assert_allclose(vectors, expected, atol=1e-5)
 
