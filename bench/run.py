@@ -625,7 +625,8 @@ def chart(report: dict[str, Any], path: Path) -> None:
     labels = [r["label"].replace(", c=", "\nc=") for r in runs]
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(12, 9), sharex=True)
     x = range(len(runs))
-    top.bar(x, [r["embeddings_per_s"] for r in runs], color="#4c72b0")
+    bars = top.bar(x, [r["embeddings_per_s"] for r in runs], color="#4c72b0")
+    top.bar_label(bars, fmt="%.0f", fontsize=7)
     for r, colour, style in (("fp32", "#c44e52", "--"), ("int8", "#55a868", ":")):
         if r in report["raw"]:
             ceiling = report["raw"][r]["ceiling_per_s"]
