@@ -1,0 +1,36 @@
+# Sourced by the other scripts in this directory; not run on its own.
+# The server layout (ansible/site.yml puts it there):
+#   /home/smally/smally-api/{api,create_api_key,.env,models/,scripts/}   /home/smally/backups/
+
+SMALLY_APP_DIR=${SMALLY_APP_DIR:-$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)}
+SMALLY_ENV_FILE=${SMALLY_ENV_FILE:-$SMALLY_APP_DIR/.env}
+SMALLY_BACKUP_DIR=${SMALLY_BACKUP_DIR:-/home/smally/backups}
+SMALLY_SERVICE=${SMALLY_SERVICE:-smally}
+SMALLY_USER=${SMALLY_USER:-smally}
+
+die() {
+    echo "$(basename "$0"): $*" >&2
+    exit 1
+}
+
+# env_value NAME [DEFAULT]: NAME from the environment, else from the .env (systemd EnvironmentFile
+# syntax: KEY=VALUE, optional `export `, optional surrounding quotes), else DEFAULT.
+env_value() {
+    local name=$1 default=${2-} line value
+    if [ -n "${!name-}" ]; then
+        printf '%s\n' "${!name}"
+        return 0
+    fi
+    [ -r "$SMALLY_ENV_FILE" ] || die "cannot read $SMALLY_ENV_FILE (run as root or $SMALLY_USER)"
+    line=$(grep -E "^[[:space:]]*(export[[:space:]]+)?$name[[:space:]]*=" "$SMALLY_ENV_FILE" | tail -n 1 || true)
+    if [ -z "$line" ]; then
+        printf '%s\n' "$default"
+        return 0
+    fi
+    value=${line#*=}
+    value=$(printf '%s' "$value" | sed -e 's/^[[:space:]]*//' -e 's/[[:space:]]*$//')
+    case "$value" in
+    \"*\" | \'*\') value=${value:1:${#value}-2} ;;
+    esac
+    printf '%s\n' "$value"
+}

@@ -1,0 +1,91 @@
+#!/usr/bin/env bash
+# One look at everything Smally needs on the server; one line per check, exit status 0 only when
+# every check passes (`make health` runs it over ssh). Run as root (it reads the .env).
+#
+#   sudo /home/smally/smally-api/scripts/health-check.sh [--wait SECONDS]
+#
+# --wait retries (quietly) until every check passes or SECONDS have passed, then reports once:
+# `make restart` uses it to wait for the service to be back.
+# SMALLY_DISK_MAX_PERCENT (default 90) and SMALLY_MEMORY_MIN_PERCENT (default 10) set the limits.
+set -uo pipefail
+# shellcheck source=common.sh
+. "$(dirname "${BASH_SOURCE[0]}")/common.sh"
+
+if [ "${1:-}" == --wait ]; then
+    deadline=$((SECONDS + ${2:?--wait needs a number of seconds}))
+    until "$0" >/dev/null 2>&1 || [ "$SECONDS" -ge "$deadline" ]; do
+        sleep 2
+    done
+    exec "$0"
+fi
+
+disk_max=${SMALLY_DISK_MAX_PERCENT:-90}
+memory_min=${SMALLY_MEMORY_MIN_PERCENT:-10}
+failed=0
+
+report() { # report pass|fail NAME DETAIL
+    local mark=PASS
+    if [ "$1" != pass ]; then
+        mark=FAIL
+        failed=$((failed + 1))
+    fi
+    printf '%-5s %-14s %s\n' "$mark" "$2" "$3"
+}
+check() { # check NAME DETAIL COMMAND...: pass when COMMAND succeeds
+    local name=$1 detail=$2
+    shift 2
+    if "$@" >/dev/null 2>&1; then report pass "$name" "$detail"; else report fail "$name" "$detail"; fi
+}
+health_status() { # the "status" of a /health answer, or "unreachable"
+    local body
+    body=$(curl -sS -k -L --max-time 10 "$1" 2>/dev/null) || { echo unreachable; return; }
+    echo "$body" | sed -n 's/.*"status":"\([a-z]*\)".*/\1/p' | head -n 1
+}
+
+database_url=$(env_value DATABASE_URL)
+redis_url=$(env_value REDIS_URL)
+api_port=$(env_value API_PORT 8000)
+
+state=$(systemctl is-active "$SMALLY_SERVICE" 2>/dev/null)
+[ "$state" == active ] && report pass service "$SMALLY_SERVICE is $state" ||
+    report fail service "$SMALLY_SERVICE is ${state:-unknown} (journalctl -u $SMALLY_SERVICE)"
+
+status=$(health_status "http://127.0.0.1:$api_port/health")
+[ "$status" == healthy ] && report pass health "/health on :$api_port is $status" ||
+    report fail health "/health on :$api_port is ${status:-not JSON}"
+
+# Through nginx: port 80 redirects to 443 when TLS is on, hence -L -k (the name is not checked).
+status=$(health_status "http://127.0.0.1/health")
+[ "$status" == healthy ] && report pass nginx-health "/health through nginx is $status" ||
+    report fail nginx-health "/health through nginx is ${status:-not JSON}"
+
+check nginx "nginx is active" systemctl is-active --quiet nginx
+check postgresql "pg_isready with DATABASE_URL" pg_isready -q -d "$database_url"
+pong=$(redis-cli -u "$redis_url" ping 2>/dev/null)
+[ "$pong" == PONG ] && report pass redis "redis-cli ping: PONG" ||
+    report fail redis "redis-cli ping: ${pong:-no answer}"
+check backups "smally-backup.timer is active" systemctl is-active --quiet smally-backup.timer
+
+seen=" "
+for path in / "$SMALLY_APP_DIR" "$SMALLY_BACKUP_DIR" /var/lib/postgresql /tmp; do
+    [ -e "$path" ] || continue
+    mount=$(df --output=target "$path" | tail -n 1)
+    case "$seen" in *" $mount "*) continue ;; esac # one line per file system
+    seen="$seen$mount "
+    used=$(df --output=pcent "$path" | tail -n 1 | tr -dc 0-9)
+    [ "$used" -lt "$disk_max" ] && report pass disk "$mount: ${used}% used" ||
+        report fail disk "$mount: ${used}% used (limit ${disk_max}%)"
+done
+
+total=$(awk '/^MemTotal:/ {print $2}' /proc/meminfo)
+available=$(awk '/^MemAvailable:/ {print $2}' /proc/meminfo)
+percent=$((available * 100 / total))
+[ "$percent" -ge "$memory_min" ] &&
+    report pass memory "$((available / 1024)) MiB available (${percent}%)" ||
+    report fail memory "$((available / 1024)) MiB available (${percent}%, limit ${memory_min}%)"
+
+if [ "$failed" -gt 0 ]; then
+    echo "health-check: $failed check(s) failed"
+    exit 1
+fi
+echo "health-check: all checks passed"
