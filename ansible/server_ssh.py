@@ -1,0 +1,77 @@
+"""Run a command over ssh on the Smally server: what `make restart|logs|create-key|backup|health`
+use.
+
+    python3 ansible/server_ssh.py [--tty] INVENTORY -- COMMAND [ARG...]
+
+The server is the first host of the inventory's `smally` group, reached the way Ansible reaches
+it (ansible_host, ansible_port, ansible_user, ansible_ssh_private_key_file,
+ansible_ssh_common_args), read with `ansible-inventory` from the tool venv. SERVER=user@host
+skips the inventory; SSH_OPTS adds ssh options either way. COMMAND and its arguments are quoted
+for the remote shell, so an argument with spaces stays one argument.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+ANSIBLE_INVENTORY = REPO / ".cache" / "ansible-venv" / "bin" / "ansible-inventory"
+
+
+def die(message: str) -> None:
+    print(f"server_ssh: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def from_inventory(inventory: str) -> list[str]:
+    if not Path(inventory).exists():
+        die(f"no inventory {inventory}: see ansible/inventory/hosts.example.yml, or set SERVER")
+    program = (
+        str(ANSIBLE_INVENTORY) if ANSIBLE_INVENTORY.exists() else shutil.which("ansible-inventory")
+    )
+    if not program:
+        die("ansible-inventory is missing: run `make ansible-tools`, or set SERVER=user@host")
+    listed = subprocess.run(
+        [program, "-i", inventory, "--list"], check=True, capture_output=True, text=True
+    )
+    data = json.loads(listed.stdout)
+    hosts = data.get("smally", {}).get("hosts", [])
+    if not hosts:
+        die(f"{inventory} has no host in the group `smally`")
+    host = hosts[0]
+    hostvars = data.get("_meta", {}).get("hostvars", {}).get(host, {})
+    args: list[str] = []
+    if "ansible_port" in hostvars:
+        args += ["-p", str(hostvars["ansible_port"])]
+    if "ansible_ssh_private_key_file" in hostvars:
+        args += ["-i", os.path.expanduser(str(hostvars["ansible_ssh_private_key_file"]))]
+    args += shlex.split(str(hostvars.get("ansible_ssh_common_args", "")))
+    address = str(hostvars.get("ansible_host", host))
+    user = hostvars.get("ansible_user")
+    return [*args, f"{user}@{address}" if user else address]
+
+
+def main() -> None:
+    argv = sys.argv[1:]
+    tty = "--tty" in argv[:1]
+    if tty:
+        argv = argv[1:]
+    if len(argv) < 3 or argv[1] != "--":
+        die("usage: server_ssh.py [--tty] INVENTORY -- COMMAND [ARG...]")
+    inventory, command = argv[0], argv[2:]
+    server = os.environ.get("SERVER", "").strip()
+    target = [server] if server else from_inventory(inventory)
+    options = ["-o", "BatchMode=yes", *shlex.split(os.environ.get("SSH_OPTS", ""))]
+    if tty and sys.stdin.isatty():
+        options.append("-t")
+    os.execvp("ssh", ["ssh", *options, *target, "--", shlex.join(command)])
+
+
+if __name__ == "__main__":
+    main()
