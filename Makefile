@@ -93,3 +93,66 @@ $(VENV)/.bench-installed: $(VENV)/.installed
 
 bench: model-int8 $(VENV)/.bench-installed
 	$(PY) bench/run.py $(BENCH_ARGS)
+
+# Deployment (ansible/, systemd/, nginx/, scripts/; README "Deploying"). `make deploy` runs
+# ansible/site.yml against INVENTORY; restart, logs, create-key, backup and health ssh to the
+# first server of its `smally` group (or SERVER=user@host). ansible and ansible-lint live in a
+# venv of their own, $(ANSIBLE_VENV): the service and its tests never import them.
+# `make rehearse` deploys to a throwaway Debian 12 VM under qemu and checks it (root, ~20 min).
+INVENTORY ?= ansible/inventory/hosts.yml
+DEPLOY_PLAYBOOK ?= ansible/site.yml
+DEPLOY_ARGS ?=
+VAULT_PASSWORD_FILE ?= ansible/.vault_pass
+ANSIBLE_VENV := .cache/ansible-venv
+ANSIBLE_ENV := PATH="$(CURDIR)/$(ANSIBLE_VENV)/bin:$$PATH" ANSIBLE_CONFIG=ansible/ansible.cfg
+VAULT_ARGS = $(if $(wildcard $(VAULT_PASSWORD_FILE)),--vault-password-file $(VAULT_PASSWORD_FILE),$(if $(ANSIBLE_VAULT_PASSWORD_FILE),,--ask-vault-pass))
+ON_SERVER = $(PYTHON) ansible/server_ssh.py
+REMOTE_APP := /home/smally/smally-api
+EMAIL ?=
+TIER ?=
+LOG_LINES ?= 100
+.PHONY: help-deploy ansible-tools lint-deploy deploy restart logs create-key backup health rehearse
+
+help-deploy:
+	@echo "make deploy       ansible/site.yml against INVENTORY=$(INVENTORY) (build first: make build)"
+	@echo "make restart      restart smally on the server and wait until health-check.sh passes"
+	@echo "make logs         follow the service's journal (LOG_LINES=$(LOG_LINES))"
+	@echo "make create-key EMAIL=alice@example.com TIER=pro   a new API key, printed alone"
+	@echo "make backup       run smally-backup.service now; prints the new backup's path"
+	@echo "make health       scripts/health-check.sh on the server (exit status: pass/fail)"
+	@echo "make lint-deploy  ansible-lint (production profile) and bash -n on the scripts"
+	@echo "make rehearse     the whole deployment in a throwaway Debian 12 VM, checked (root)"
+
+$(ANSIBLE_VENV)/.installed: ansible/requirements.txt
+	$(PYTHON) -m venv $(ANSIBLE_VENV)
+	$(ANSIBLE_VENV)/bin/pip install --quiet -r ansible/requirements.txt
+	@touch $@
+
+ansible-tools: $(ANSIBLE_VENV)/.installed
+
+lint-deploy: ansible-tools
+	$(ANSIBLE_ENV) ansible-lint ansible/
+	for f in scripts/*.sh rehearsal/*.sh ansible/files/*.sh; do bash -n "$$f" || exit 1; done
+
+deploy: ansible-tools
+	$(ANSIBLE_ENV) ansible-playbook -i $(INVENTORY) $(VAULT_ARGS) $(DEPLOY_PLAYBOOK) $(DEPLOY_ARGS)
+
+restart:
+	$(ON_SERVER) $(INVENTORY) -- sudo systemctl restart smally
+	$(ON_SERVER) $(INVENTORY) -- sudo $(REMOTE_APP)/scripts/health-check.sh --wait 120
+
+logs:
+	$(ON_SERVER) --tty $(INVENTORY) -- sudo journalctl --unit smally --follow --lines $(LOG_LINES)
+
+create-key:
+	@test -n "$(EMAIL)" || { echo "usage: make create-key EMAIL=alice@example.com [TIER=free|pro|scale]" >&2; exit 2; }
+	@$(ON_SERVER) $(INVENTORY) -- sudo $(REMOTE_APP)/scripts/create-api-key.sh "$(EMAIL)" $(TIER)
+
+backup:
+	@$(ON_SERVER) $(INVENTORY) -- sudo sh -c 'systemctl start smally-backup.service && ls -1d /home/smally/backups/smally-*.sql.gz | tail -n 1'
+
+health:
+	$(ON_SERVER) $(INVENTORY) -- sudo $(REMOTE_APP)/scripts/health-check.sh
+
+rehearse:
+	rehearsal/rehearse.sh

@@ -1,0 +1,213 @@
+"""The rehearsal's checks from outside the VM, through nginx (standard library only).
+
+    python3 rehearsal/check_http.py CHECK --https https://127.0.0.1:PORT --http http://127.0.0.1:PORT
+        --ca cert.pem [--key sk_...] [--reference ref.json]
+
+CHECK is one of:
+  health     /health through nginx (HTTPS) answers 200 with status "healthy"
+  embed      /v1/embed through nginx returns every reference vector (cosine >= 0.99999) and its
+             token count
+  key-ok     the key is accepted (200); key-refused: the key is refused (401)
+  headers    the security headers, HSTS included, are on the answers
+  burst      a burst beyond the limit_req rate on /v1/ gets 429 from nginx
+  metrics    /metrics through nginx from outside the machine is refused (403)
+  http       port 80 redirects to HTTPS, and serves ACME challenges (--acme-token NAME:CONTENT)
+Exit status 0 when the check passes; one line says what was seen.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import json
+import math
+import ssl
+import sys
+import time
+import urllib.error
+import urllib.request
+from email.message import Message
+from pathlib import Path
+
+SECURITY_HEADERS = {
+    "X-Content-Type-Options": "nosniff",
+    "X-Frame-Options": "DENY",
+    "Referrer-Policy": "no-referrer",
+    "Content-Security-Policy": "default-src 'none'",
+    "Strict-Transport-Security": "max-age=",
+}
+
+
+class Answer:
+    def __init__(self, status: int, headers: Message, body: bytes) -> None:
+        self.status = status
+        self.headers = headers
+        self.body = body
+
+    def json(self) -> dict:
+        return json.loads(self.body)
+
+
+class NoRedirect(urllib.request.HTTPRedirectHandler):
+    def redirect_request(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        return None
+
+
+def request(
+    url: str,
+    ca: str | None,
+    *,
+    data: dict | None = None,
+    key: str | None = None,
+    timeout: float = 30,
+) -> Answer:
+    headers = {"User-Agent": "smally-rehearsal"}
+    body = None
+    if data is not None:
+        body = json.dumps(data).encode()
+        headers["Content-Type"] = "application/json"
+    if key:
+        headers["Authorization"] = f"Bearer {key}"
+    req = urllib.request.Request(url, data=body, headers=headers)
+    handlers: list[urllib.request.BaseHandler] = [NoRedirect()]
+    if url.startswith("https:"):
+        handlers.append(urllib.request.HTTPSHandler(context=ssl.create_default_context(cafile=ca)))
+    opener = urllib.request.build_opener(*handlers)
+    try:
+        with opener.open(req, timeout=timeout) as resp:
+            return Answer(resp.status, resp.headers, resp.read())
+    except urllib.error.HTTPError as exc:
+        return Answer(exc.code, exc.headers, exc.read())
+
+
+def cosine(a: list[float], b: list[float]) -> float:
+    dot = sum(x * y for x, y in zip(a, b, strict=True))
+    return dot / (math.sqrt(sum(x * x for x in a)) * math.sqrt(sum(y * y for y in b)))
+
+
+def fail(message: str) -> int:
+    print(f"FAIL {message}")
+    return 1
+
+
+def ok(message: str) -> int:
+    print(f"ok   {message}")
+    return 0
+
+
+def check_health(args: argparse.Namespace) -> int:
+    answer = request(f"{args.https}/health", args.ca)
+    status = answer.json().get("status") if answer.status in (200, 503) else None
+    if answer.status != 200 or status != "healthy":
+        return fail(f"/health through nginx: {answer.status} {answer.body[:200]!r}")
+    return ok(f"/health through nginx (HTTPS, certificate verified): 200 {status}")
+
+
+def check_embed(args: argparse.Namespace) -> int:
+    cases = json.loads(Path(args.reference).read_text())["cases"]
+    worst = 1.0
+    for case in cases:
+        answer = request(
+            f"{args.https}/v1/embed", args.ca, data={"text": case["text"]}, key=args.key
+        )
+        if answer.status != 200:
+            return fail(f"/v1/embed {case['text']!r}: {answer.status} {answer.body[:200]!r}")
+        body = answer.json()
+        similarity = cosine(body["embedding"], case["embedding"])
+        worst = min(worst, similarity)
+        if similarity < 0.99999 or body["tokens"] != case["tokens"]:
+            return fail(
+                f"/v1/embed {case['text']!r}: cosine {similarity:.7f}, "
+                f"tokens {body['tokens']} (reference {case['tokens']})"
+            )
+        time.sleep(0.15)  # stay under the limit_req rate: this check is not the burst check
+    return ok(f"/v1/embed through nginx: {len(cases)} reference vectors, lowest cosine {worst:.7f}")
+
+
+def check_key(args: argparse.Namespace, expected: int) -> int:
+    answer = request(f"{args.https}/v1/embed", args.ca, data={"text": "still here?"}, key=args.key)
+    if answer.status != expected:
+        return fail(f"key {args.key[:11]}...: {answer.status}, expected {expected}")
+    return ok(f"key {args.key[:11]}...: {answer.status} as expected")
+
+
+def check_headers(args: argparse.Namespace) -> int:
+    seen = []
+    for path in ("/health", "/v1/embed", "/no-such-page"):
+        answer = request(f"{args.https}{path}", args.ca)
+        for name, fragment in SECURITY_HEADERS.items():
+            values = answer.headers.get_all(name) or []
+            if len(values) != 1 or fragment not in values[0]:
+                return fail(f"{path} ({answer.status}): header {name} is {values!r}")
+        if "nginx/" in answer.headers.get("Server", ""):
+            return fail(f"{path}: Server header names the nginx version")
+        seen.append(f"{path} {answer.status}")
+    return ok(f"security headers and HSTS on {', '.join(seen)}")
+
+
+def check_burst(args: argparse.Namespace) -> int:
+    def one(_: int) -> int:
+        return request(f"{args.https}/v1/embed", args.ca, data={"text": "burst"}).status
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=args.parallel) as pool:
+        statuses = list(pool.map(one, range(args.count)))
+    counts = {status: statuses.count(status) for status in sorted(set(statuses))}
+    limited = counts.get(429, 0) + counts.get(503, 0)
+    # Without a key the application answers 401: those requests got through nginx's limit.
+    if limited == 0 or counts.get(401, 0) == 0:
+        return fail(f"burst of {args.count} on /v1/: {counts}")
+    return ok(f"burst of {args.count} on /v1/: {counts} (limit_req at work)")
+
+
+def check_metrics(args: argparse.Namespace) -> int:
+    answer = request(f"{args.https}/metrics", args.ca)
+    if answer.status != 403:
+        return fail(f"/metrics from outside: {answer.status} {answer.body[:100]!r}")
+    return ok("/metrics through nginx from outside: 403")
+
+
+def check_http(args: argparse.Namespace) -> int:
+    answer = request(f"{args.http}/health", None)
+    location = answer.headers.get("Location", "")
+    if answer.status != 301 or not location.startswith("https://"):
+        return fail(f"port 80 /health: {answer.status} Location {location!r}")
+    name, _, content = args.acme_token.partition(":")
+    answer = request(f"{args.http}/.well-known/acme-challenge/{name}", None)
+    if answer.status != 200 or answer.body.decode().strip() != content:
+        return fail(f"ACME challenge over HTTP: {answer.status} {answer.body[:100]!r}")
+    return ok("port 80: 301 to HTTPS, ACME challenge served")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "check",
+        choices=["health", "embed", "key-ok", "key-refused", "headers", "burst", "metrics", "http"],
+    )
+    parser.add_argument("--https", required=True, help="https://127.0.0.1:PORT (no slash)")
+    parser.add_argument("--http", help="http://127.0.0.1:PORT (no slash)")
+    parser.add_argument("--ca", required=True, help="the server's certificate, trusted as a CA")
+    parser.add_argument("--key", help="an API key")
+    parser.add_argument("--reference", help="the reference vectors (JSON)")
+    parser.add_argument("--acme-token", default="", help="NAME:CONTENT of a challenge file")
+    parser.add_argument("--count", type=int, default=80)
+    parser.add_argument("--parallel", type=int, default=20)
+    args = parser.parse_args()
+    checks = {
+        "health": check_health,
+        "embed": check_embed,
+        "key-ok": lambda a: check_key(a, 200),
+        "key-refused": lambda a: check_key(a, 401),
+        "headers": check_headers,
+        "burst": check_burst,
+        "metrics": check_metrics,
+        "http": check_http,
+    }
+    try:
+        return checks[args.check](args)
+    except (OSError, ValueError, KeyError) as exc:
+        return fail(f"{args.check}: {type(exc).__name__}: {exc}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

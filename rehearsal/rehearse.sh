@@ -1,0 +1,395 @@
+#!/usr/bin/env bash
+# `make rehearse`: deploy Smally to a throwaway Debian 12 x86_64 VM with the real playbook and
+# prove that it works, instead of finding out in production. Needs root (debootstrap) and
+# installs what it lacks (qemu-system-x86, qemu-utils, debootstrap) with apt-get.
+#
+# Stages (each one timed; the table is printed at the end, also after a failure):
+#   tools      qemu, debootstrap (apt-get, when missing); ansible + ansible-lint (.cache/ansible-venv)
+#   lint       ansible-lint --profile production, bash -n on the scripts
+#   image      the cached base image (rehearsal/vm-image.sh; ~/.cache/smally/vm)
+#   launch     a fresh qcow2 overlay of the image under qemu (TCG), SSH on a loopback port
+#   build      make build (x86_64), while the VM boots
+#   boot       waiting for the VM's SSH
+#   deploy     make deploy: ansible/site.yml with a test inventory and vault; must end failed=0
+#   checks     from the host, through nginx: health, create-key over ssh, the reference vectors,
+#              security headers, limit_req, /metrics refused; port 80, ACME; make health
+#   redeploy   the playbook again: changed=0
+#   restart    make restart: keys and data survive, health comes back
+#   restore    make backup, a new key, restore.sh --yes: the new key is gone, the old one works
+#   security   systemd-analyze security smally.service <= 2.5, and the running service is
+#              exactly systemd/smally.service (no drop-ins, seccomp and no-new-privileges on)
+#   poweroff   the VM powers off, its overlay is deleted (also on failure, from the EXIT trap)
+#
+# Environment: SMALLY_VM_CACHE (base images, default ~/.cache/smally/vm), SMALLY_REHEARSAL_DIR
+# (the run's files and logs, default ~/.cache/smally/rehearsal), SMALLY_VM_MEMORY (MiB, 4096),
+# SMALLY_VM_CPUS (2), SMALLY_VM_ACCEL (tcg; kvm where /dev/kvm works), SMALLY_SKIP_BUILD=1
+# (use dist/ as it is), SMALLY_REHEARSAL_KEEP=1 (after a failure, leave the VM running to look).
+set -euo pipefail
+
+REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+CACHE_ROOT=${HOME:-/root}/.cache/smally
+RUN=${SMALLY_REHEARSAL_DIR:-$CACHE_ROOT/rehearsal}
+VM_MEMORY=${SMALLY_VM_MEMORY:-4096}
+VM_CPUS=${SMALLY_VM_CPUS:-2}
+VM_ACCEL=${SMALLY_VM_ACCEL:-tcg}
+REFERENCE="$REPO/../shared/reference/all-MiniLM-L6-v2.public.json"
+ANSIBLE_VENV="$REPO/.cache/ansible-venv"
+HOST_PY=python3
+export ANSIBLE_CONFIG="$REPO/ansible/ansible.cfg"
+EXPOSURE_MAX=2.5
+STAGE="$RUN/stage"   # the repository's deployment files as a clean clone has them
+
+log() { printf '%s rehearse: %s\n' "$(date -u +%H:%M:%S)" "$*" >&2; }
+die() {
+    log "FAILED: $*"
+    exit 1
+}
+
+# --- stage timing ---------------------------------------------------------------------------
+STAGE_NAMES=() STAGE_TIMES=() CURRENT="" CURRENT_START=0 STARTED=$SECONDS
+begin() {
+    CURRENT=$1
+    CURRENT_START=$SECONDS
+    log "=== $1: $2"
+}
+end() {
+    STAGE_NAMES+=("$CURRENT")
+    STAGE_TIMES+=("$((SECONDS - CURRENT_START))")
+    log "=== $CURRENT done in $((SECONDS - CURRENT_START)) s"
+    CURRENT=""
+}
+print_times() {
+    local i status=$1
+    {
+        echo
+        echo "rehearsal stage times (seconds):"
+        for i in "${!STAGE_NAMES[@]}"; do
+            printf '  %-10s %5d\n' "${STAGE_NAMES[$i]}" "${STAGE_TIMES[$i]}"
+        done
+        [ -z "$CURRENT" ] || printf '  %-10s %5d  <- FAILED here\n' "$CURRENT" "$((SECONDS - CURRENT_START))"
+        printf '  %-10s %5d\n' total "$((SECONDS - STARTED))"
+        echo "result: $status (logs in $RUN)"
+    } | tee -a "$RUN/times.txt" >&2
+}
+
+# --- the VM ---------------------------------------------------------------------------------
+QEMU_PID=""
+vm_ssh() { # vm_ssh [-t SECONDS] COMMAND: run COMMAND (a shell string) in the VM as admin
+    local limit=300
+    if [ "$1" == -t ]; then
+        limit=$2
+        shift 2
+    fi
+    timeout "$limit" ssh -F /dev/null -o BatchMode=yes -o ConnectTimeout=10 -o LogLevel=ERROR \
+        -o UserKnownHostsFile="$RUN/known_hosts" -o StrictHostKeyChecking=yes \
+        -i "$RUN/id_ed25519" -p "$SSH_PORT" admin@127.0.0.1 -- "$@"
+}
+vm_running() { [ -n "$QEMU_PID" ] && kill -0 "$QEMU_PID" 2>/dev/null; }
+vm_stop() {
+    vm_running || return 0
+    log "powering the VM off"
+    vm_ssh -t 20 "sudo systemctl poweroff" >/dev/null 2>&1 || true
+    local i
+    for i in $(seq 1 90); do
+        vm_running || break
+        sleep 1
+    done
+    if vm_running; then
+        log "the VM did not power off within 90 s: stopping qemu"
+        kill "$QEMU_PID" 2>/dev/null || true
+        sleep 3
+        vm_running && kill -9 "$QEMU_PID" 2>/dev/null
+    fi
+    QEMU_PID=""
+}
+cleanup() {
+    local status=$?
+    trap - EXIT INT TERM
+    set +e
+    if [ "$status" != 0 ] && [ "${SMALLY_REHEARSAL_KEEP:-}" == 1 ] && vm_running; then
+        log "SMALLY_REHEARSAL_KEEP=1: the VM (qemu $QEMU_PID) stays up for a look:"
+        log "  ssh -F /dev/null -o UserKnownHostsFile=$RUN/known_hosts -i $RUN/id_ed25519 -p $SSH_PORT admin@127.0.0.1"
+        log "  then: kill $QEMU_PID; rm $RUN/overlay.qcow2"
+        print_times "FAILED (exit $status)"
+        exit "$status"
+    fi
+    vm_stop
+    rm -f "$RUN/overlay.qcow2" "$RUN/id_ed25519" "$RUN/vault_pass" "$RUN/tls/privkey.pem"
+    if [ "$status" == 0 ]; then print_times PASSED; else print_times "FAILED (exit $status)"; fi
+    exit "$status"
+}
+
+free_port() {
+    "$HOST_PY" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
+}
+
+# --- preconditions --------------------------------------------------------------------------
+[ "$(id -u)" == 0 ] || die "needs root (debootstrap, the image's device nodes, apt-get)"
+mkdir -p "$RUN" "$CACHE_ROOT"
+exec 9>"$CACHE_ROOT/rehearsal.lock"
+flock -n 9 || die "another rehearsal is running (lock $CACHE_ROOT/rehearsal.lock)"
+# A run killed before its trap could act may have left its VM behind: stop it.
+if [ -s "$RUN/qemu.pid" ] && grep -q qemu-system "/proc/$(cat "$RUN/qemu.pid")/cmdline" 2>/dev/null; then
+    log "stopping the VM a previous run left behind"
+    kill "$(cat "$RUN/qemu.pid")" || true
+    sleep 2
+fi
+find "$RUN" -mindepth 1 -delete
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+# --- tools ----------------------------------------------------------------------------------
+begin tools "qemu, debootstrap, ansible and ansible-lint"
+missing=()
+command -v qemu-system-x86_64 >/dev/null || missing+=(qemu-system-x86)
+command -v qemu-img >/dev/null || missing+=(qemu-utils)
+command -v debootstrap >/dev/null || missing+=(debootstrap)
+command -v mkfs.ext4 >/dev/null || missing+=(e2fsprogs)
+command -v ssh >/dev/null || missing+=(openssh-client)
+command -v openssl >/dev/null || missing+=(openssl)
+command -v curl >/dev/null || missing+=(curl)
+command -v flock >/dev/null || missing+=(util-linux)
+if [ ${#missing[@]} -gt 0 ]; then
+    command -v apt-get >/dev/null || die "please install ${missing[*]}"
+    log "apt-get install ${missing[*]}"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+make -C "$REPO" --no-print-directory ansible-tools
+export PATH="$ANSIBLE_VENV/bin:$PATH"
+"$ANSIBLE_VENV/bin/ansible" --version | sed -n 1p >&2
+[ -f "$REFERENCE" ] || die "no reference vectors at $REFERENCE"
+end
+
+begin lint "ansible-lint (production profile), bash -n"
+make -C "$REPO" --no-print-directory lint-deploy
+end
+
+begin image "the cached Debian 12 base image"
+IMAGE=$("$REPO/rehearsal/vm-image.sh" | tail -n 1)
+[ -e "$IMAGE/ready" ] || die "no base image"
+end
+
+# --- boot, while dist/ builds ----------------------------------------------------------------
+begin launch "qemu on a fresh overlay of $IMAGE (it boots while dist/ builds)"
+mkdir -p "$RUN/tls" "$RUN/inventory"
+ssh-keygen -q -t ed25519 -N '' -C "smally-rehearsal-$$" -f "$RUN/id_ed25519"
+SSH_PORT=$(free_port)
+HTTP_PORT=$(free_port)
+HTTPS_PORT=$(free_port)
+echo "[127.0.0.1]:$SSH_PORT $(cut -d' ' -f1,2 "$IMAGE/ssh_host_ed25519_key.pub")" >"$RUN/known_hosts"
+qemu-img create -q -f qcow2 -b "$IMAGE/base.qcow2" -F qcow2 "$RUN/overlay.qcow2"
+# -cpu max, minus 5-level paging: with la57 every TLB miss walks one more level in software,
+# which made apt installs and the boot in the VM twice as slow.
+cpu=max,la57=off
+[ "$VM_ACCEL" == tcg ] || cpu=host
+qemu-system-x86_64 \
+    -name smally-rehearsal -machine q35 -accel "$VM_ACCEL" -cpu "$cpu" \
+    -smp "$VM_CPUS" -m "$VM_MEMORY" -nodefaults -display none -no-reboot \
+    -kernel "$IMAGE/vmlinuz" -initrd "$IMAGE/initrd.img" \
+    -append "root=/dev/vda rw console=ttyS0 net.ifnames=0 smally.authorized_key=$(base64 -w0 <"$RUN/id_ed25519.pub")" \
+    -drive "file=$RUN/overlay.qcow2,if=virtio,format=qcow2,cache=unsafe,discard=unmap" \
+    -netdev "user,id=net0,hostfwd=tcp:127.0.0.1:$SSH_PORT-:22,hostfwd=tcp:127.0.0.1:$HTTP_PORT-:80,hostfwd=tcp:127.0.0.1:$HTTPS_PORT-:443" \
+    -device virtio-net-pci,netdev=net0,romfile= \
+    -device virtio-rng-pci \
+    -serial "file:$RUN/console.log" -pidfile "$RUN/qemu.pid" -daemonize
+QEMU_PID=$(cat "$RUN/qemu.pid")
+LAUNCHED=$SECONDS
+log "qemu $QEMU_PID ($VM_ACCEL, $VM_CPUS CPUs, $VM_MEMORY MiB): ssh 127.0.0.1:$SSH_PORT, http :$HTTP_PORT, https :$HTTPS_PORT"
+end
+
+begin build "make build (x86_64)"
+if [ "${SMALLY_SKIP_BUILD:-}" == 1 ]; then
+    log "SMALLY_SKIP_BUILD=1: using dist/ as it is"
+else
+    make -C "$REPO" --no-print-directory build
+fi
+end
+
+begin boot "wait for SSH in the VM (it boots while dist/ builds)"
+booted=no
+for _ in $(seq 1 100); do
+    vm_running || { tail -n 30 "$RUN/console.log" >&2; die "qemu exited during boot"; }
+    if vm_ssh -t 15 true 2>/dev/null; then
+        booted=yes
+        break
+    fi
+    sleep 3
+done
+[ "$booted" == yes ] || { tail -n 30 "$RUN/console.log" >&2; die "no SSH within 5 minutes (console: $RUN/console.log)"; }
+vm_ssh 'echo "VM: $(. /etc/os-release; echo "$PRETTY_NAME"), kernel $(uname -r), $(nproc) CPUs"' >&2
+log "SSH answered $((SECONDS - LAUNCHED)) s after qemu started"
+end
+
+# --- deploy ---------------------------------------------------------------------------------
+begin deploy "make deploy with a test inventory and vault"
+# The deployment files as a clean clone has them: tracked and new files, never git-ignored ones
+# (a developer's real vault.yml or inventory stays out of the rehearsal).
+mkdir -p "$STAGE"
+if git -C "$REPO" rev-parse --is-inside-work-tree >/dev/null 2>&1; then
+    (cd "$REPO" && git ls-files -z --cached --others --exclude-standard -- ansible nginx systemd scripts) |
+        while IFS= read -r -d '' file; do
+            [ -f "$REPO/$file" ] && install -D -m "$(stat -c %a "$REPO/$file")" "$REPO/$file" "$STAGE/$file"
+        done
+else
+    cp -a "$REPO/ansible" "$REPO/nginx" "$REPO/systemd" "$REPO/scripts" "$STAGE/"
+    rm -f "$STAGE/ansible/group_vars/all/vault.yml" "$STAGE/ansible/inventory/hosts.yml" "$STAGE/ansible/.vault_pass"
+fi
+# The x86_64 build, copied: a `make build` started elsewhere meanwhile cannot pull it away.
+mkdir -p "$STAGE/dist"
+cp -a "$REPO/dist/api" "$REPO/dist/create_api_key" "$REPO/dist/models" "$STAGE/dist/" 2>/dev/null ||
+    log "dist/ is incomplete: the playbook's preflight will say what to build"
+
+# A TLS certificate for smally.test and 127.0.0.1, placed where certbot's would be.
+openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 2 \
+    -subj "/CN=smally.test" -addext "subjectAltName=DNS:smally.test,IP:127.0.0.1" \
+    -keyout "$RUN/tls/privkey.pem" -out "$RUN/tls/fullchain.pem" 2>/dev/null
+vm_ssh "sudo install -d -m 0755 /etc/ssl/smally && sudo tee /etc/ssl/smally/fullchain.pem >/dev/null" <"$RUN/tls/fullchain.pem"
+vm_ssh "sudo install -m 0600 /dev/stdin /etc/ssl/smally/privkey.pem" <"$RUN/tls/privkey.pem"
+
+# The vault, encrypted, with a password made for this run.
+openssl rand -hex 24 >"$RUN/vault_pass"
+printf -- '---\nvault_smally_db_password: "%s"\n' "$(openssl rand -hex 24)" >"$STAGE/ansible/group_vars/all/vault.yml"
+ansible-vault encrypt --vault-password-file "$RUN/vault_pass" "$STAGE/ansible/group_vars/all/vault.yml" >/dev/null
+cat >"$RUN/inventory/hosts.yml" <<EOF
+---
+all:
+  children:
+    smally:
+      hosts:
+        rehearsal-vm:
+          ansible_host: 127.0.0.1
+          ansible_port: $SSH_PORT
+          ansible_user: admin
+          ansible_ssh_private_key_file: $RUN/id_ed25519
+          ansible_ssh_common_args: >-
+            -F /dev/null -o UserKnownHostsFile=$RUN/known_hosts -o StrictHostKeyChecking=yes
+      vars:
+        smally_server_name: smally.test
+        smally_tls_certificate: /etc/ssl/smally/fullchain.pem
+        smally_tls_certificate_key: /etc/ssl/smally/privkey.pem
+EOF
+MAKE_VM=(make -C "$REPO" --no-print-directory INVENTORY="$RUN/inventory/hosts.yml")
+deploy() { # deploy LOG: make deploy, its output kept in LOG; prints the recap line
+    local logfile=$1
+    ANSIBLE_FORCE_COLOR=0 ANSIBLE_NOCOLOR=1 ANSIBLE_SSH_CONTROL_PATH_DIR="$RUN/cp" \
+        timeout 40m "${MAKE_VM[@]}" deploy DEPLOY_PLAYBOOK="$STAGE/ansible/site.yml" \
+        VAULT_PASSWORD_FILE="$RUN/vault_pass" >"$logfile" 2>&1 ||
+        { tail -n 60 "$logfile" >&2; die "the playbook failed (full log: $logfile)"; }
+    grep -E '^rehearsal-vm +: ok=' "$logfile" | tail -n 1
+}
+recap=$(deploy "$RUN/deploy-1.log")
+log "first run: $recap"
+grep -A12 'Show the diagnostics' "$RUN/deploy-1.log" | grep -E 'ELF|=>|libc|api [0-9]' | sed 's/^ */    /' >&2 || true
+[[ "$recap" =~ failed=0 ]] && [[ "$recap" =~ unreachable=0 ]] || die "first run: $recap"
+end
+
+# --- checks from the host, through nginx ----------------------------------------------------
+check() { "$HOST_PY" "$REPO/rehearsal/check_http.py" "$@" --https "https://127.0.0.1:$HTTPS_PORT" \
+    --http "http://127.0.0.1:$HTTP_PORT" --ca "$RUN/tls/fullchain.pem" --reference "$REFERENCE"; }
+create_key() { # create_key EMAIL TIER: make create-key over ssh; prints the key
+    local key
+    key=$(timeout 180 "${MAKE_VM[@]}" create-key EMAIL="$1" TIER="$2" 2>"$RUN/create-key.err") ||
+        { cat "$RUN/create-key.err" >&2; die "make create-key $1 failed"; }
+    [[ "$key" =~ ^sk_[0-9a-f]{64}$ ]] || die "make create-key printed '$key', not a key alone"
+    echo "$key"
+}
+
+begin checks "health, keys, reference vectors, headers, limits, /metrics, port 80"
+check health
+KEY1=$(create_key alice@rehearsal.test pro)
+log "make create-key over ssh printed a key: ${KEY1:0:11}..."
+check embed --key "$KEY1"
+check headers
+check metrics
+inside=$(vm_ssh 'curl -sS --cacert /etc/ssl/smally/fullchain.pem https://127.0.0.1/metrics' || true)
+grep -q '^smally_build_info' <<<"$inside" || die "/metrics through nginx from the VM itself: ${inside:0:200}"
+log "/metrics through nginx from the VM itself: served ($(grep -c '^smally_' <<<"$inside") samples)"
+check burst --count 80 --parallel 20
+token=rehearsal-$$
+vm_ssh "echo $token-content | sudo tee /var/www/letsencrypt/.well-known/acme-challenge/$token >/dev/null"
+check http --acme-token "$token:$token-content"
+# The first deployment of a real server has no certificate yet: the site without TLS must be
+# valid nginx too (rendered from the same template, checked by nginx -t in the VM).
+ANSIBLE_SSH_CONTROL_PATH_DIR="$RUN/cp" ansible rehearsal-vm -i "$RUN/inventory/hosts.yml" -b \
+    -m ansible.builtin.template -a "src=$STAGE/nginx/smally.conf dest=/tmp/smally-plain.conf mode=0644" \
+    -e "@$STAGE/ansible/roles/smally/defaults/main.yml" -e '{"smally_tls_certificate": ""}' >"$RUN/plain-site.log" 2>&1 ||
+    { cat "$RUN/plain-site.log" >&2; die "rendering the site without TLS failed"; }
+vm_ssh 'printf "events {}\nhttp { include /etc/nginx/mime.types; include /tmp/smally-plain.conf; }\n" >/tmp/nginx-plain.conf &&
+    sudo nginx -t -q -c /tmp/nginx-plain.conf' >"$RUN/plain-site.out" 2>&1 ||
+    { cat "$RUN/plain-site.out" >&2; die "the site without TLS fails nginx -t"; }
+vm_ssh 'grep -q "listen 443" /tmp/smally-plain.conf' && die "the site without TLS still has a 443 server"
+log "the site without TLS (first deployment) passes nginx -t and has no 443 server"
+timeout 180 "${MAKE_VM[@]}" health >"$RUN/health.out" 2>&1 || { cat "$RUN/health.out" >&2; die "make health failed"; }
+sed 's/^/    /' "$RUN/health.out" >&2
+end
+
+begin redeploy "the playbook again: changed=0"
+recap=$(deploy "$RUN/deploy-2.log")
+log "second run: $recap"
+if ! [[ "$recap" =~ changed=0 ]] || ! [[ "$recap" =~ failed=0 ]]; then
+    grep -E '^changed:' "$RUN/deploy-2.log" >&2 || true
+    die "second run is not idempotent: $recap"
+fi
+end
+
+begin restart "make restart: data and keys survive"
+usage_before=$(vm_ssh "sudo -u postgres psql -d smally -Atc 'SELECT count(*) FROM usage'")
+timeout 300 "${MAKE_VM[@]}" restart >"$RUN/restart.out" 2>&1 || { cat "$RUN/restart.out" >&2; die "make restart failed"; }
+tail -n 1 "$RUN/restart.out" >&2
+check health
+check key-ok --key "$KEY1"
+usage_after=$(vm_ssh "sudo -u postgres psql -d smally -Atc 'SELECT count(*) FROM usage'")
+[ "$usage_after" -ge "$usage_before" ] && [ "$usage_before" -gt 0 ] ||
+    die "usage rows before the restart $usage_before, after $usage_after"
+vm_ssh "sudo journalctl -u smally --no-pager -o cat | grep -E 'Deactivated successfully|Failed with result'" >"$RUN/stops.txt" || true
+grep -q 'Failed with result' "$RUN/stops.txt" && die "the service did not stop cleanly: $(cat "$RUN/stops.txt")"
+log "usage ledger: $usage_before rows before the restart, $usage_after after; the stop exited 0"
+end
+
+begin restore "make backup, a new key, restore.sh --yes"
+backup=$(timeout 300 "${MAKE_VM[@]}" backup 2>"$RUN/backup.err" | tail -n 1) || { cat "$RUN/backup.err" >&2; die "make backup failed"; }
+[[ "$backup" == /home/smally/backups/smally-*.sql.gz ]] || die "make backup printed '$backup'"
+log "make backup (smally-backup.service): $backup"
+KEY2=$(create_key bob@rehearsal.test free)
+check key-ok --key "$KEY2"
+vm_ssh -t 600 "sudo /home/smally/smally-api/scripts/restore.sh '$backup' --yes" >"$RUN/restore.out" 2>&1 ||
+    { cat "$RUN/restore.out" >&2; die "restore.sh failed"; }
+sed 's/^/    /' "$RUN/restore.out" >&2
+check key-refused --key "$KEY2"
+check key-ok --key "$KEY1"
+check health
+end
+
+begin security "systemd-analyze security, and the unit the service runs under"
+vm_ssh "sudo systemd-analyze security --no-pager smally.service" >"$RUN/security.txt" 2>&1 || true
+exposure=$(sed -n 's/.*Overall exposure level for smally.service: \([0-9.]*\).*/\1/p' "$RUN/security.txt")
+[ -n "$exposure" ] || { cat "$RUN/security.txt" >&2; die "no exposure level from systemd-analyze"; }
+grep -E '✗' "$RUN/security.txt" | sed 's/^/    /' >&2 || true
+log "systemd-analyze security smally.service: exposure $exposure (at most $EXPOSURE_MAX)"
+awk -v e="$exposure" -v m="$EXPOSURE_MAX" 'BEGIN { exit !(e <= m) }' || die "exposure $exposure is above $EXPOSURE_MAX"
+backup_exposure=$(vm_ssh "sudo systemd-analyze security --no-pager smally-backup.service" 2>&1 |
+    sed -n 's/.*Overall exposure level for smally-backup.service: \([0-9.]*\).*/\1/p')
+log "systemd-analyze security smally-backup.service: exposure $backup_exposure"
+vm_ssh 'sudo systemctl show smally -p ActiveState -p SubState -p FragmentPath -p DropInPaths -p NeedDaemonReload -p MainPID -p NRestarts
+    pid=$(systemctl show smally -p MainPID --value)
+    echo "Exe=$(sudo readlink /proc/$pid/exe)"
+    sudo grep -E "^(NoNewPrivs|Seccomp|CapEff|CapBnd):" /proc/$pid/status | tr -d "\t" | tr ":" "="
+    echo "Unit=$(sha256sum </etc/systemd/system/smally.service | cut -c1-64)"' >"$RUN/unit.txt"
+sed 's/^/    /' "$RUN/unit.txt" >&2
+want=$(sha256sum <"$REPO/systemd/smally.service" | cut -c1-64)
+for expected in ActiveState=active SubState=running FragmentPath=/etc/systemd/system/smally.service \
+    DropInPaths= NeedDaemonReload=no NRestarts=0 Exe=/home/smally/smally-api/api NoNewPrivs=1 Seccomp=2 \
+    CapEff=0000000000000000 CapBnd=0000000000000000 "Unit=$want"; do
+    grep -qx -- "$expected" "$RUN/unit.txt" || die "the running service does not show $expected"
+done
+log "the service runs under exactly systemd/smally.service: no drop-ins, no restarts, seccomp on, no capabilities"
+end
+
+begin poweroff "power the VM off and delete its overlay"
+vm_stop
+rm -f "$RUN/overlay.qcow2"
+[ ! -e "$RUN/overlay.qcow2" ] || die "the overlay is still there"
+end
+
+log "PASSED: exposure $exposure; first deployment $(grep -o 'changed=[0-9]*' "$RUN/deploy-1.log" | tail -n 1), second changed=0"

@@ -1,0 +1,160 @@
+#!/usr/bin/env bash
+# The throwaway server of `make rehearse`: a Debian 12 x86_64 base image, built once with
+# debootstrap and cached; every run boots a fresh qcow2 overlay of it (rehearsal/rehearse.sh).
+#
+#   rehearsal/vm-image.sh        build the image unless cached; prints its directory last
+#
+# The image is what a freshly installed Debian 12 server looks like before our playbook: the
+# standard debootstrap package set (systemd, ifupdown with DHCP on eth0, nftables, cron...),
+# dbus, openssh-server, sudo, python3 and linux-image-amd64; an `admin` user with passwordless sudo,
+# the way cloud images come. It carries no SSH key: each run makes its own and passes its public
+# half on the kernel command line (smally.authorized_key=<base64>), which a boot unit writes to
+# ~admin/.ssh/authorized_keys. Nothing for Smally is preinstalled: the playbook installs it all.
+#
+# The cache key is the hash of this script: changing the recipe builds a new image. Needs root
+# (debootstrap, chroot, device nodes in the image).
+#   SMALLY_VM_CACHE   where images live (default ~/.cache/smally/vm)
+#   DEBIAN_MIRROR     the mirror debootstrap and the VM's apt use (default http://deb.debian.org/debian)
+set -euo pipefail
+
+HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+CACHE=${SMALLY_VM_CACHE:-${HOME:-/root}/.cache/smally/vm}
+MIRROR=${DEBIAN_MIRROR:-http://deb.debian.org/debian}
+SECURITY_MIRROR=${DEBIAN_SECURITY_MIRROR:-http://deb.debian.org/debian-security}
+SUITE=bookworm
+DISK_SIZE=8G
+PACKAGES=systemd-sysv,dbus,openssh-server,sudo,python3,linux-image-amd64,ca-certificates
+
+say() { echo "vm-image: $*" >&2; }
+
+[ "$(id -u)" == 0 ] || { say "needs root (debootstrap, chroot)"; exit 2; }
+
+key=$(sha256sum "${BASH_SOURCE[0]}" | cut -c1-12)
+IMAGE="$CACHE/debian12-amd64-$key"
+if [ -e "$IMAGE/ready" ]; then
+    echo "$IMAGE"
+    exit 0
+fi
+
+for tool in debootstrap mkfs.ext4 qemu-img; do
+    command -v "$tool" >/dev/null || { say "$tool is missing (rehearsal/host-tools.sh installs it)"; exit 2; }
+done
+
+work="$IMAGE.partial"
+root="$work/root"
+cleanup() {
+    # Nothing may stay mounted in the root, even when a step fails half-way.
+    for m in dev/pts dev proc sys; do
+        mountpoint -q "$root/$m" 2>/dev/null && umount -l "$root/$m"
+    done
+    return 0
+}
+trap cleanup EXIT
+cleanup
+rm -rf "$work"
+mkdir -p "$root"
+
+started=$SECONDS
+say "debootstrap $SUITE amd64 (first run only, a few minutes)"
+debootstrap --arch=amd64 --include="$PACKAGES" "$SUITE" "$root" "$MIRROR" >"$work/debootstrap.log" 2>&1 || {
+    tail -n 30 "$work/debootstrap.log" >&2
+    say "debootstrap failed; the full log is $work/debootstrap.log"
+    exit 1
+}
+say "debootstrap done in $((SECONDS - started)) s"
+
+# --- configuration of the root -------------------------------------------------------------
+echo smally-vm >"$root/etc/hostname"
+cat >"$root/etc/hosts" <<EOF
+127.0.0.1	localhost
+127.0.1.1	smally-vm
+::1		localhost ip6-localhost ip6-loopback
+EOF
+echo "/dev/vda / ext4 defaults,errors=remount-ro 0 1" >"$root/etc/fstab"
+
+cat >"$root/etc/apt/sources.list" <<EOF
+deb $MIRROR $SUITE main
+deb $MIRROR $SUITE-updates main
+deb $SECURITY_MIRROR $SUITE-security main
+EOF
+
+# Network: eth0 (net.ifnames=0 on the kernel command line) by DHCP from qemu's user-mode network.
+cat >"$root/etc/network/interfaces" <<EOF
+source /etc/network/interfaces.d/*
+
+auto lo
+iface lo inet loopback
+
+auto eth0
+iface eth0 inet dhcp
+EOF
+rm -f "$root/etc/resolv.conf"
+
+# The `admin` user, with passwordless sudo, as a cloud image has it; no password logins.
+chroot "$root" useradd --create-home --shell /bin/bash --groups sudo admin
+echo "admin ALL=(ALL) NOPASSWD:ALL" >"$root/etc/sudoers.d/90-admin"
+chmod 0440 "$root/etc/sudoers.d/90-admin"
+install -d -m 0700 -o 1000 -g 1000 "$root/home/admin/.ssh"
+cat >"$root/etc/ssh/sshd_config.d/rehearsal.conf" <<EOF
+PasswordAuthentication no
+KbdInteractiveAuthentication no
+PermitRootLogin no
+UseDNS no
+EOF
+
+# The run's public key, from the kernel command line, before sshd starts.
+cat >"$root/usr/local/sbin/rehearsal-ssh-key" <<'EOF'
+#!/bin/sh
+set -eu
+for word in $(cat /proc/cmdline); do
+    case "$word" in
+    smally.authorized_key=*)
+        echo "${word#smally.authorized_key=}" | base64 -d >/home/admin/.ssh/authorized_keys
+        chown admin:admin /home/admin/.ssh/authorized_keys
+        chmod 0600 /home/admin/.ssh/authorized_keys
+        ;;
+    esac
+done
+EOF
+chmod 0755 "$root/usr/local/sbin/rehearsal-ssh-key"
+cat >"$root/etc/systemd/system/rehearsal-ssh-key.service" <<EOF
+[Unit]
+Description=Authorize the rehearsal's SSH key from the kernel command line
+Before=ssh.service
+
+[Service]
+Type=oneshot
+ExecStart=/usr/local/sbin/rehearsal-ssh-key
+
+[Install]
+WantedBy=multi-user.target
+EOF
+chroot "$root" systemctl enable rehearsal-ssh-key.service >/dev/null 2>&1
+
+# A fresh machine-id at every boot of an overlay; the apt cache is not part of the image.
+: >"$root/etc/machine-id"
+rm -f "$root/var/lib/dbus/machine-id"
+chroot "$root" apt-get clean
+rm -rf "$root/var/lib/apt/lists/"*
+
+# --- kernel, host key, disk image ----------------------------------------------------------
+kernel=$(find "$root/boot" -name 'vmlinuz-*' | sort | tail -n 1)
+initrd=$(find "$root/boot" -name 'initrd.img-*' | sort | tail -n 1)
+[ -n "$kernel" ] && [ -n "$initrd" ] || { say "no kernel or initrd in $root/boot"; exit 1; }
+cp "$kernel" "$work/vmlinuz"
+cp "$initrd" "$work/initrd.img"
+cp "$root/etc/ssh/ssh_host_ed25519_key.pub" "$work/ssh_host_ed25519_key.pub"
+
+cleanup
+say "writing the ext4 image ($DISK_SIZE, sparse)"
+mkfs.ext4 -q -F -L smally-root -d "$root" "$work/base.raw" "$DISK_SIZE"
+qemu-img convert -O qcow2 "$work/base.raw" "$work/base.qcow2"
+rm -rf "$work/base.raw" "$root"
+date -u +%FT%TZ >"$work/ready"
+
+# Older images of other recipes are of no further use.
+find "$CACHE" -mindepth 1 -maxdepth 1 -name 'debian12-amd64-*' ! -name "$(basename "$IMAGE").partial" \
+    -exec rm -rf {} +
+mv "$work" "$IMAGE"
+say "image ready in $((SECONDS - started)) s: $IMAGE"
+echo "$IMAGE"
