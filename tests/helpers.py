@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -18,35 +19,16 @@ import httpx
 import numpy as np
 import psycopg
 
+from app.config import Settings
+
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 MODEL_PATH = REPO / "models" / "all-MiniLM-L6-v2"
 REFERENCE_PATH = REPO.parent / "shared" / "reference" / "all-MiniLM-L6-v2.public.json"
 
-# Variables of ours that must not leak from the developer's shell into a test's process.
-SMALLY_VARS = (
-    "DATABASE_URL",
-    "REDIS_URL",
-    "API_HOST",
-    "API_PORT",
-    "LOG_LEVEL",
-    "MODEL_PATH",
-    "MAX_TOKENS",
-    "API_KEY_PREFIX",
-    "WORKERS",
-    "MAX_REQUEST_BYTES",
-    "AUTH_CACHE_TTL",
-    "DB_POOL_SIZE",
-    "SHUTDOWN_TIMEOUT",
-    "FREE_TIER_LIMIT",
-    "PRO_TIER_LIMIT",
-    "SCALE_TIER_LIMIT",
-    "L1_CACHE_SIZE",
-    "L2_CACHE_TTL",
-    "REDIS_KEY_PREFIX",
-    "USAGE_BUFFER_MAX",
-    "PROMETHEUS_MULTIPROC_DIR",
-)
+# Variables of ours that must not leak from the developer's shell into a test's process: one per
+# setting (the field names are the variable names), and prometheus-client's.
+SMALLY_VARS = {f.name.upper() for f in dataclasses.fields(Settings)} | {"PROMETHEUS_MULTIPROC_DIR"}
 
 
 def free_port() -> int:
