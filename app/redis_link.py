@@ -21,7 +21,13 @@ RecoveryHook = Callable[[], Awaitable[None]]
 
 class RedisLink:
     def __init__(
-        self, url: str, *, key_prefix: str, timeout: float = 0.5, probe_interval: float = 1.0
+        self,
+        url: str,
+        *,
+        key_prefix: str,
+        timeout: float = 0.5,
+        probe_interval: float = 1.0,
+        max_connections: int = 64,
     ) -> None:
         self.client = aioredis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout)
         self.key_prefix = key_prefix

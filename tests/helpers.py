@@ -31,10 +31,19 @@ REFERENCE_PATH = REPO.parent / "shared" / "reference" / "all-MiniLM-L6-v2.public
 SMALLY_VARS = {f.name.upper() for f in dataclasses.fields(Settings)} | {"PROMETHEUS_MULTIPROC_DIR"}
 
 
+_HANDED_OUT: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A port nothing listens on, and not one handed out before in this run (the kernel may
+    offer the same free port twice before either process has bound it)."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port not in _HANDED_OUT:
+            _HANDED_OUT.add(port)
+            return port
 
 
 def database_url_for(server_url: str, database: str) -> str:
