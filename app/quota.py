@@ -11,12 +11,14 @@ served meanwhile are dropped, so they are rebuilt from the ledger, which has eve
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
 import redis.asyncio as aioredis
 from psycopg_pool import AsyncConnectionPool
+from redis.exceptions import MaxConnectionsError
 
 from app.auth import Principal
 from app.redis_link import RedisLink
@@ -114,13 +116,33 @@ class QuotaService:
         if self.link.usable():
             key = self.link.key("quota", principal.user_id, start.strftime("%Y-%m"))
             try:
-                used = await self._consume_in_redis(key, principal, count, limit, start, end)
+                used = await self._consume_waiting_for_a_connection(
+                    key, principal, count, limit, start, end
+                )
             except (aioredis.RedisError, OSError) as exc:
                 self.link.failed(exc)
             else:
                 state = QuotaState(limit, used, end)
                 return Reservation(principal, count, tokens, state, counter_key=key)
         return await self._reserve_in_postgres(principal, count, tokens, limit, start, end)
+
+    async def _consume_waiting_for_a_connection(
+        self,
+        key: str,
+        principal: Principal,
+        count: int,
+        limit: int,
+        start: datetime,
+        end: datetime,
+    ) -> int:
+        # A burst can exhaust our connection pool for a moment. Deciding that request in
+        # PostgreSQL instead would mix the two stores, so it waits for Redis (up to ~1 s).
+        for _ in range(200):
+            try:
+                return await self._consume_in_redis(key, principal, count, limit, start, end)
+            except MaxConnectionsError:
+                await asyncio.sleep(0.005)
+        return await self._consume_in_redis(key, principal, count, limit, start, end)
 
     async def _consume_in_redis(
         self,

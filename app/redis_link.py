@@ -13,6 +13,7 @@ import logging
 from collections.abc import Awaitable, Callable
 
 import redis.asyncio as aioredis
+from redis.exceptions import MaxConnectionsError
 
 log = logging.getLogger(__name__)
 
@@ -25,7 +26,7 @@ class RedisLink:
         url: str,
         *,
         key_prefix: str,
-        timeout: float = 0.5,
+        timeout: float = 2.0,  # a hung Redis costs a request this much before the fallback
         probe_interval: float = 1.0,
         max_connections: int = 64,
     ) -> None:
@@ -46,6 +47,8 @@ class RedisLink:
         return self.available
 
     def failed(self, exc: BaseException) -> None:
+        if isinstance(exc, MaxConnectionsError):
+            return  # our own pool was busy for a moment: Redis itself is fine
         if self.available:
             self.available = False
             log.warning(
