@@ -54,6 +54,7 @@ class UsageRecorder:
         self._wake = asyncio.Event()
         self._flush_lock = asyncio.Lock()
         self._task: asyncio.Task[None] | None = None
+        self._stopping = False
 
     @property
     def buffered(self) -> int:
@@ -82,10 +83,12 @@ class UsageRecorder:
 
     async def stop(self, timeout: float = 10.0) -> None:
         """Stop the background task and write everything still buffered (retrying until timeout)."""
+        # Never cancel the flusher mid-flush (a batch taken out of the buffer and not yet
+        # written would be lost): ask it to finish its turn and stop.
+        self._stopping = True
+        self._wake.set()
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await self._task
         deadline = asyncio.get_running_loop().time() + timeout
         while self._buffer:
             if await self.flush():
@@ -98,10 +101,12 @@ class UsageRecorder:
             await asyncio.sleep(0.2)
 
     async def _run(self) -> None:
-        while True:
+        while not self._stopping:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), timeout=self.flush_interval)
             self._wake.clear()
+            if self._stopping:
+                return
             if self._buffer and not await self.flush():
                 await asyncio.sleep(self.flush_interval)  # PostgreSQL is down: back off
 
@@ -121,15 +126,19 @@ class UsageRecorder:
                         await copy.write_row(
                             (r.user_id, r.api_key_id, r.embeddings_count, r.tokens, r.created_at)
                         )
-            except Exception:
+            except BaseException as exc:
+                # Not written (the transaction rolled back): back into the buffer, older
+                # records first, then what arrived meanwhile. Even on cancellation.
+                batch.extend(self._buffer)
+                self._buffer = batch
+                self._enforce_bound()
+                if not isinstance(exc, Exception):
+                    raise
                 log.warning(
                     "usage flush failed; records kept for retry",
                     extra={"records": len(batch)},
                     exc_info=True,
                 )
-                batch.extend(self._buffer)  # older records first, then what arrived meanwhile
-                self._buffer = batch
-                self._enforce_bound()
                 return False
             finally:
                 self._on_buffer_change(len(self._buffer))
