@@ -31,7 +31,7 @@ database_url=$(env_value DATABASE_URL)
 redis_url=$(env_value REDIS_URL)
 redis_prefix=$(env_value REDIS_KEY_PREFIX "smally:")
 api_port=$(env_value API_PORT 8000)
-as_postgres() { runuser -u postgres -- "$@"; }
+as_postgres() { runuser -u postgres -- env PGOPTIONS="-c client_min_messages=warning" "$@"; }
 psql_admin() { as_postgres psql -X -q -v ON_ERROR_STOP=1 -At "$@"; }
 
 read -r db role < <(psql -X -At -F ' ' "$database_url" -c 'SELECT current_database(), current_user') ||
