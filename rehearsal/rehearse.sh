@@ -14,7 +14,7 @@
 #   checks     from the host, through nginx: health, create-key over ssh, the reference vectors,
 #              security headers, limit_req, /metrics refused; port 80, ACME; make health
 #   redeploy   the playbook again: changed=0
-#   restart    make restart: keys and data survive, health comes back
+#   restart    make restart: keys and data survive, health comes back; make logs shows them
 #   restore    make backup, a new key, restore.sh --yes: the new key is gone, the old one works
 #   security   systemd-analyze security smally.service <= 2.5, and the running service is
 #              exactly systemd/smally.service (no drop-ins, seccomp and no-new-privileges on)
@@ -345,6 +345,10 @@ usage_after=$(vm_ssh "sudo -u postgres psql -d smally -Atc 'SELECT count(*) FROM
 vm_ssh "sudo journalctl -u smally --no-pager -o cat | grep -E 'Deactivated successfully|Failed with result'" >"$RUN/stops.txt" || true
 grep -q 'Failed with result' "$RUN/stops.txt" && die "the service did not stop cleanly: $(cat "$RUN/stops.txt")"
 log "usage ledger: $usage_before rows before the restart, $usage_after after; the stop exited 0"
+# make logs follows the journal until interrupted: 20 seconds of it must show the JSON log lines.
+timeout 20 "${MAKE_VM[@]}" logs LOG_LINES=20 >"$RUN/logs.out" 2>&1 || true
+grep -q '"logger":' "$RUN/logs.out" || { cat "$RUN/logs.out" >&2; die "make logs showed no log lines"; }
+log "make logs: $(grep -c '"logger":' "$RUN/logs.out") JSON log lines in 20 s"
 end
 
 begin restore "make backup, a new key, restore.sh --yes"
