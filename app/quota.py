@@ -116,33 +116,13 @@ class QuotaService:
         if self.link.usable():
             key = self.link.key("quota", principal.user_id, start.strftime("%Y-%m"))
             try:
-                used = await self._consume_waiting_for_a_connection(
-                    key, principal, count, limit, start, end
-                )
+                used = await self._consume_in_redis(key, principal, count, limit, start, end)
             except (aioredis.RedisError, OSError) as exc:
                 self.link.failed(exc)
             else:
                 state = QuotaState(limit, used, end)
                 return Reservation(principal, count, tokens, state, counter_key=key)
         return await self._reserve_in_postgres(principal, count, tokens, limit, start, end)
-
-    async def _consume_waiting_for_a_connection(
-        self,
-        key: str,
-        principal: Principal,
-        count: int,
-        limit: int,
-        start: datetime,
-        end: datetime,
-    ) -> int:
-        # A burst can exhaust our connection pool for a moment. Deciding that request in
-        # PostgreSQL instead would mix the two stores, so it waits for Redis (up to ~1 s).
-        for _ in range(200):
-            try:
-                return await self._consume_in_redis(key, principal, count, limit, start, end)
-            except MaxConnectionsError:
-                await asyncio.sleep(0.005)
-        return await self._consume_in_redis(key, principal, count, limit, start, end)
 
     async def _consume_in_redis(
         self,
@@ -154,13 +134,23 @@ class QuotaService:
         end: datetime,
     ) -> int:
         for _ in range(3):
-            allowed, used = await self._consume(keys=[key], args=[count, limit])
+            allowed, used = await self._run_consume(key, count, limit)
             if allowed == 1:
                 return int(used)
             if allowed == 0:
                 raise QuotaExceeded(QuotaState(limit, int(used), end), principal.tier)
             await self._rebuild(key, principal.user_id, start, end)
         raise aioredis.RedisError("quota counter vanished while rebuilding it")
+
+    async def _run_consume(self, key: str, count: int, limit: int) -> tuple[int, int]:
+        # A burst can exhaust our connection pool for a moment. Deciding that request in
+        # PostgreSQL instead would mix the two stores, so it waits for Redis (up to ~1 s).
+        for _ in range(200):
+            try:
+                return await self._consume(keys=[key], args=[count, limit])
+            except MaxConnectionsError:
+                await asyncio.sleep(0.005)
+        return await self._consume(keys=[key], args=[count, limit])
 
     async def _rebuild(self, key: str, user_id: int, start: datetime, end: datetime) -> None:
         # Our own buffered records go in first, so the ledger holds all that this process served.
