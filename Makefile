@@ -7,7 +7,7 @@ PYTEST_ARGS ?=
 DOCS_ASSETS := app/docs_assets/manifest.json
 
 .DEFAULT_GOAL := help
-.PHONY: help install model run test lint format clean docs-assets
+.PHONY: help install model run test lint format clean docs-assets browser-tools
 
 help:
 	@echo "make run      start Smally on http://localhost:$${API_PORT:-8000} (embedded PostgreSQL/Redis unless DATABASE_URL/REDIS_URL are set)"
@@ -34,6 +34,22 @@ $(DOCS_ASSETS): build/docs-assets/package.json build/docs-assets/package-lock.js
 
 docs-assets: $(DOCS_ASSETS)
 
+# The browser test (tests/test_docs_page.py): Debian's chromium, driven by playwright-core from
+# tests/browser/ (pinned lock file). apt-get only when /usr/bin/chromium is missing (needs root).
+BROWSER_NODE := tests/browser/node_modules/.package-lock.json
+
+/usr/bin/chromium:
+	@test "$$(id -u)" = 0 || { echo "the browser test needs Debian's chromium: apt-get install chromium" >&2; exit 2; }
+	@echo "installing Debian's chromium for the browser test (apt-get)"
+	@log=$$(mktemp) && { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+		--no-install-recommends chromium fonts-liberation; } >$$log 2>&1 || { cat $$log >&2; rm -f $$log; exit 1; }; rm -f $$log
+
+$(BROWSER_NODE): tests/browser/package.json tests/browser/package-lock.json
+	cd tests/browser && npm ci --ignore-scripts --no-audit --no-fund --loglevel=error >/dev/null
+	@touch $@
+
+browser-tools: /usr/bin/chromium $(BROWSER_NODE)
+
 model: install
 	$(PY) build/make_model.py --out $(MODEL_DIR)
 
@@ -48,11 +64,11 @@ format: install
 	$(PY) -m ruff format .
 	$(PY) -m ruff check --fix .
 
-test: lint model
+test: lint model browser-tools
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache dist .artifacts app/docs_assets build/docs-assets/node_modules
+	rm -rf $(VENV) .pytest_cache .ruff_cache dist .artifacts app/docs_assets build/docs-assets/node_modules tests/browser/node_modules
 
 # Frozen binaries for servers without Python: `make build` builds them for this machine into dist/,
 # `make build ARCH=arm64` for aarch64 into dist/arm64/ (build/build-arm64.sh: Docker if an engine
