@@ -123,6 +123,15 @@ def datas() -> list[tuple[str, str]]:
     return [(str(REPO / "migrations"), "migrations"), (build_info, ".")]
 
 
+def docs_assets() -> list[tuple[str, str]]:
+    """Swagger UI's files for GET /docs (`api` only; app/docs.py finds them under sys._MEIPASS).
+    Built by `make docs-assets`, which `make build` runs first; never build an `api` without."""
+    assets = REPO / "app" / "docs_assets"
+    if not (assets / "swagger-ui-bundle.js").is_file():
+        raise SystemExit(f"{assets} is not built: run `make docs-assets` (make build does)")
+    return [(str(assets), "app/docs_assets")]
+
+
 def without_system_libs(binaries):  # type: ignore[no-untyped-def]
     kept = []
     for entry_ in binaries:

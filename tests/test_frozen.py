@@ -126,6 +126,11 @@ def test_frozen_binaries_serve_from_an_empty_directory(
                 assert cosine(body["embedding"], case["embedding"]) >= 0.99999, case["text"]
                 assert abs(np.linalg.norm(body["embedding"]) - 1.0) < 1e-5
             latencies = embed_latency_ms(client, 100)
+            # The API reference page and its files come out of the bundle (sys._MEIPASS).
+            page, bundle = client.get("/docs"), client.get("/docs/swagger-ui-bundle.js")
+            assert page.status_code == 200 and "/docs/swagger-ui-bundle.js" in page.text
+            assert bundle.status_code == 200 and "SwaggerUIBundle" in bundle.text
+            assert bundle.headers["content-type"] == "text/javascript; charset=utf-8"
         rss = rss_kib(api.process.pid)
         assert unpacked(runtime_tmp)  # the one-file bundle is unpacked into TMPDIR while running
     finally:
