@@ -7,6 +7,7 @@ status and duration only.
 from __future__ import annotations
 
 import contextvars
+import json
 import logging
 import sys
 from datetime import UTC, datetime
@@ -16,6 +17,8 @@ import orjson
 request_id_var: contextvars.ContextVar[str | None] = contextvars.ContextVar(
     "request_id", default=None
 )
+
+_LINE_BREAKS = str.maketrans({"\x85": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"})
 
 # Attributes a LogRecord always has; anything else passed through `extra=` is emitted as a field.
 _RESERVED = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime"}
@@ -39,7 +42,13 @@ class JsonFormatter(logging.Formatter):
                 entry[key] = value
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
-        return orjson.dumps(entry, default=str).decode()
+        try:
+            line = orjson.dumps(entry, default=str).decode()
+        except TypeError:
+            # A lone surrogate (a path of undecodable bytes, say): json escapes what orjson refuses.
+            return json.dumps(entry, default=str)
+        # One record, one line, for every reader: escape the line breaks JSON allows unescaped.
+        return line.translate(_LINE_BREAKS)
 
 
 def configure_logging(level: str) -> None:
