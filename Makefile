@@ -67,6 +67,12 @@ format: install
 test: lint model browser-tools
 	$(PY) -m pytest $(PYTEST_ARGS)
 
+# The long schemathesis run against /openapi.json (make test runs the same with 100 per operation).
+FUZZ_EXAMPLES ?= 1000
+.PHONY: fuzz
+fuzz: lint model
+	FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(PY) -m pytest tests/test_contract.py -k fuzz -s $(PYTEST_ARGS)
+
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache dist .artifacts app/docs_assets build/docs-assets/node_modules tests/browser/node_modules
 

@@ -72,6 +72,12 @@ class PayloadTooLarge(ApiError):
     code = "payload_too_large"
 
 
+class UnsupportedMediaType(ApiError):
+    openai_type = "invalid_request_error"
+    status = 415
+    code = "unsupported_media_type"
+
+
 class RateLimitExceeded(ApiError):
     openai_type = "insufficient_quota"
     status = 429

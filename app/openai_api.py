@@ -121,6 +121,8 @@ def parse_request(payload: Any, services: Services) -> tuple[list[str], str, int
             "'encoding_format' must be 'float' or 'base64'", param="encoding_format"
         )
     dimensions = payload.get("dimensions")
+    if isinstance(dimensions, float) and dimensions.is_integer():
+        dimensions = int(dimensions)  # JSON has one number type: 64.0 is the integer 64
     dimension = services.embeddings.manifest.dimension
     if dimensions is not None and (
         isinstance(dimensions, bool)

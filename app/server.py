@@ -12,7 +12,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from app import docs, openai_api, routes
+from app import docs, openai_api, openapi, routes
 from app.config import Settings
 from app.errors import ApiError, InternalError, MethodNotAllowed, NotFound
 from app.metrics import Metrics
@@ -41,6 +41,7 @@ def create_app(settings: Settings) -> Starlette:
         Route("/v1/embeddings", openai_api.embeddings, methods=["POST"]),
         Route("/v1/models", openai_api.models, methods=["GET"]),
         *docs.routes(),
+        Route("/openapi.json", openapi.openapi_json, methods=["GET"]),
     ]
     return Starlette(
         routes=endpoints,

@@ -1,0 +1,540 @@
+"""The published API contract: an OpenAPI 3.1 document built from the code's own limits and errors.
+
+Built from the same constants the handlers enforce (input count, token and body limits, the
+served model, the error classes), so it cannot say something the code does not do; a test
+compares the routes the app serves with the paths declared here, and schemathesis checks the
+answers against the schemas.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+from starlette.requests import Request
+from starlette.responses import Response
+
+from app import errors
+from app.buildinfo import build_info
+from app.config import Settings
+from app.engine import ModelManifest
+from app.openai_api import MAX_INPUTS
+from app.services import Services
+
+JSON = "application/json"
+
+# Which errors each endpoint can answer with (besides 405 for a wrong method).
+_EMBED_ERRORS = (
+    errors.InvalidRequest,
+    errors.TextTooLongError,
+    errors.Unauthorized,
+    errors.PayloadTooLarge,
+    errors.UnsupportedMediaType,
+    errors.RateLimitExceeded,
+    errors.ServiceUnavailable,
+    errors.Overloaded,
+)
+_OPENAI_EMBED_ERRORS = (*_EMBED_ERRORS, errors.ModelNotFound)
+_MODELS_ERRORS = (errors.Unauthorized, errors.ServiceUnavailable)
+
+_ERROR_DESCRIPTIONS = {
+    400: "Invalid request (`invalid_request`, `text_too_long`)",
+    401: "Missing, unknown or revoked API key (`invalid_api_key`)",
+    404: "The model is not served here (`model_not_found`)",
+    413: "The body is over the size limit (`payload_too_large`); it is refused unread",
+    415: "The body is not JSON (`unsupported_media_type`)",
+    429: "The monthly quota is used up (`rate_limit_exceeded`)",
+    503: "Starting, stopping, a store is unavailable, or too much work is queued "
+    "(`service_unavailable`, `overloaded`); retry after `Retry-After` seconds",
+}
+
+
+def build_openapi(settings: Settings, manifest: ModelManifest, version: str) -> dict[str, Any]:
+    model = manifest.name
+    dimension = manifest.dimension
+    text = {
+        "type": "string",
+        "minLength": 1,
+        # Not empty and not only whitespace.
+        "pattern": r"\S",
+        "description": f"At most {settings.max_tokens} tokens including [CLS] and [SEP]; a longer "
+        "text is refused (`text_too_long`), never silently truncated.",
+    }
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "Smally",
+            "version": version,
+            "summary": f"Text embeddings ({model}, {dimension} dimensions)",
+            "description": (
+                "Send text with an API key, get back a sentence embedding. Every embedding served "
+                "counts against the key owner's monthly quota. `/v1/embeddings` and `/v1/models` "
+                "speak OpenAI's dialect (point an OpenAI client's `base_url` at `/v1`), errors "
+                "included. Request bodies are JSON of at most "
+                f"{settings.max_request_bytes} bytes."
+            ),
+        },
+        "security": [{"bearerAuth": []}],
+        "paths": {
+            "/": {"get": _index_operation()},
+            "/health": {"get": _health_operation()},
+            "/metrics": {"get": _metrics_operation()},
+            "/openapi.json": {"get": _openapi_operation()},
+            "/docs": {"get": _docs_operation()},
+            "/docs/{asset}": {"get": _docs_asset_operation()},
+            "/v1/embed": {"post": _embed_operation(text, model, dimension, settings)},
+            "/v1/embeddings": {"post": _embeddings_operation(text, model, dimension, settings)},
+            "/v1/models": {"get": _models_operation(model, settings)},
+        },
+        "components": {
+            "securitySchemes": {
+                "bearerAuth": {
+                    "type": "http",
+                    "scheme": "bearer",
+                    "description": "An API key made by the operator with `create_api_key`.",
+                }
+            },
+            "headers": _headers(),
+            "schemas": _schemas(model, dimension),
+        },
+    }
+
+
+def _embed_operation(
+    text: dict[str, Any], model: str, dimension: int, settings: Settings
+) -> dict[str, Any]:
+    return {
+        "operationId": "embed",
+        "summary": "Embed one text",
+        "tags": ["embeddings"],
+        "requestBody": {
+            "required": True,
+            "content": {
+                JSON: {
+                    "schema": {
+                        "type": "object",
+                        "required": ["text"],
+                        "properties": {
+                            "text": text,
+                            "normalize": {
+                                "type": "boolean",
+                                "default": True,
+                                "description": "L2-normalise the vector (unit length).",
+                            },
+                        },
+                    },
+                    "example": {"text": "The quick brown fox"},
+                }
+            },
+        },
+        "responses": {
+            "200": _response(
+                "The embedding",
+                {"$ref": "#/components/schemas/Embedding"},
+                headers=_RATE_LIMIT_HEADERS,
+            ),
+            **_error_responses(_EMBED_ERRORS, "#/components/schemas/Error"),
+        },
+    }
+
+
+def _embeddings_operation(
+    text: dict[str, Any], model: str, dimension: int, settings: Settings
+) -> dict[str, Any]:
+    models = [model, f"sentence-transformers/{model}", *settings.model_aliases]
+    return {
+        "operationId": "createEmbeddings",
+        "summary": "Embed one text or up to 2048 (OpenAI-compatible)",
+        "tags": ["embeddings", "openai"],
+        "description": "Each input counts as one embedding against the quota; a batch that would "
+        "cross the quota is refused whole and consumes nothing. Errors use OpenAI's envelope, "
+        "with `param` naming the offending input (`input[3]`).",
+        "requestBody": {
+            "required": True,
+            "content": {
+                JSON: {
+                    "schema": {
+                        "type": "object",
+                        "required": ["model", "input"],
+                        "properties": {
+                            "model": {"type": "string", "enum": models},
+                            "input": {
+                                "oneOf": [
+                                    text,
+                                    {
+                                        "type": "array",
+                                        "items": text,
+                                        "minItems": 1,
+                                        "maxItems": MAX_INPUTS,
+                                    },
+                                ]
+                            },
+                            "encoding_format": {
+                                "type": "string",
+                                "enum": ["float", "base64"],
+                                "default": "float",
+                                "description": "`base64`: little-endian float32 bytes.",
+                            },
+                            "dimensions": {
+                                "type": ["integer", "null"],
+                                "minimum": 1,
+                                "maximum": dimension,
+                                "description": "Keep the first N dimensions, re-normalised.",
+                            },
+                            "user": {
+                                "type": ["string", "null"],
+                                "description": "Accepted and ignored.",
+                            },
+                        },
+                    },
+                    "example": {"model": model, "input": ["The quick brown fox", "hello"]},
+                }
+            },
+        },
+        "responses": {
+            "200": _response(
+                "The embeddings, in input order",
+                {"$ref": "#/components/schemas/EmbeddingList"},
+                headers=_RATE_LIMIT_HEADERS,
+            ),
+            **_error_responses(_OPENAI_EMBED_ERRORS, "#/components/schemas/OpenAIError"),
+        },
+    }
+
+
+def _models_operation(model: str, settings: Settings) -> dict[str, Any]:
+    return {
+        "operationId": "listModels",
+        "summary": "The served model (OpenAI-compatible)",
+        "tags": ["openai"],
+        "responses": {
+            "200": _response("The served model", {"$ref": "#/components/schemas/ModelList"}),
+            **_error_responses(_MODELS_ERRORS, "#/components/schemas/OpenAIError"),
+        },
+    }
+
+
+def _index_operation() -> dict[str, Any]:
+    return {
+        "operationId": "index",
+        "summary": "What this service is and its endpoints",
+        "tags": ["service"],
+        "security": [],
+        "responses": {
+            "200": _response(
+                "Name, model and endpoints",
+                {
+                    "type": "object",
+                    "required": ["name", "model", "endpoints"],
+                    "properties": {
+                        "name": {"type": "string"},
+                        "description": {"type": "string"},
+                        "model": {"type": "string"},
+                        "endpoints": {
+                            "type": "object",
+                            "additionalProperties": {"type": "string"},
+                        },
+                    },
+                },
+            )
+        },
+    }
+
+
+def _health_operation() -> dict[str, Any]:
+    health = {"$ref": "#/components/schemas/Health"}
+    return {
+        "operationId": "health",
+        "summary": "Service health (for load balancers and monitoring)",
+        "tags": ["service"],
+        "security": [],
+        "responses": {
+            "200": _response("Healthy, or degraded (serving without Redis)", health),
+            "503": _response("Unhealthy: the model or the database is not available", health),
+        },
+    }
+
+
+def _metrics_operation() -> dict[str, Any]:
+    return {
+        "operationId": "metrics",
+        "summary": "Prometheus metrics",
+        "tags": ["service"],
+        "security": [],
+        "responses": {
+            "200": {
+                "description": "The Prometheus text exposition format",
+                "headers": _REQUEST_ID_HEADER,
+                "content": {"text/plain": {"schema": {"type": "string"}}},
+            }
+        },
+    }
+
+
+def _openapi_operation() -> dict[str, Any]:
+    return {
+        "operationId": "openapi",
+        "summary": "This document",
+        "tags": ["service"],
+        "security": [],
+        "responses": {"200": _response("OpenAPI 3.1", {"type": "object"})},
+    }
+
+
+def _docs_operation() -> dict[str, Any]:
+    return {
+        "operationId": "docs",
+        "summary": "This document as a web page (served with its assets; no internet needed)",
+        "tags": ["service"],
+        "security": [],
+        "responses": {
+            "200": {
+                "description": "An HTML page",
+                "headers": _REQUEST_ID_HEADER,
+                "content": {"text/html": {"schema": {"type": "string"}}},
+            },
+            "404": _response(
+                "The page's assets were not built into this installation (`not_found`)",
+                {"$ref": "#/components/schemas/Error"},
+            ),
+        },
+    }
+
+
+def _docs_asset_operation() -> dict[str, Any]:
+    return {
+        "operationId": "docsAsset",
+        "summary": "A script, stylesheet or icon of the docs page",
+        "tags": ["service"],
+        "security": [],
+        "parameters": [
+            {"name": "asset", "in": "path", "required": True, "schema": {"type": "string"}}
+        ],
+        "responses": {
+            "200": {
+                "description": "The file",
+                "headers": _REQUEST_ID_HEADER,
+                "content": {
+                    media_type: {"schema": {"type": "string"}}
+                    for media_type in ("text/javascript", "text/css", "image/png", "text/plain")
+                },
+            },
+            "404": _response("No such file (`not_found`)", {"$ref": "#/components/schemas/Error"}),
+        },
+    }
+
+
+_REQUEST_ID_HEADER = {"X-Request-Id": {"$ref": "#/components/headers/X-Request-Id"}}
+_RATE_LIMIT_HEADERS = {
+    name: {"$ref": f"#/components/headers/{name}"}
+    for name in ("X-RateLimit-Limit", "X-RateLimit-Remaining", "X-RateLimit-Reset")
+}
+
+
+def _response(
+    description: str, schema: dict[str, Any], *, headers: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    return {
+        "description": description,
+        "headers": {**_REQUEST_ID_HEADER, **(headers or {})},
+        "content": {JSON: {"schema": schema}},
+    }
+
+
+def _error_responses(
+    error_classes: tuple[type[errors.ApiError], ...], schema_ref: str
+) -> dict[str, Any]:
+    responses: dict[str, Any] = {}
+    for status in sorted({error.status for error in error_classes}):
+        codes = sorted({error.code for error in error_classes if error.status == status})
+        headers: dict[str, Any] = {}
+        if status == 401:
+            headers["WWW-Authenticate"] = {"$ref": "#/components/headers/WWW-Authenticate"}
+        if status in (429, 503):
+            headers["Retry-After"] = {"$ref": "#/components/headers/Retry-After"}
+        response = _response(_ERROR_DESCRIPTIONS[status], {"$ref": schema_ref}, headers=headers)
+        response["x-error-codes"] = codes
+        responses[str(status)] = response
+    return responses
+
+
+def _headers() -> dict[str, Any]:
+    def integer(description: str, *, required: bool = True) -> dict[str, Any]:
+        return {
+            "description": description,
+            "required": required,
+            "schema": {"type": "string", "pattern": r"^-?[0-9]+$"},
+        }
+
+    return {
+        "X-Request-Id": {
+            "description": "The request's id (the client's own X-Request-Id if it is a safe "
+            "token of 1-64 characters), also in the access log.",
+            "required": True,
+            "schema": {"type": "string", "minLength": 1, "maxLength": 64},
+        },
+        "X-RateLimit-Limit": integer("Embeddings allowed this month (-1: unlimited)"),
+        "X-RateLimit-Remaining": integer("Embeddings left this month", required=False),
+        "X-RateLimit-Reset": integer("When the quota resets (Unix seconds, UTC)", required=False),
+        "Retry-After": integer("Seconds to wait before retrying"),
+        "WWW-Authenticate": {
+            "description": "The bearer challenge",
+            "required": True,
+            "schema": {"type": "string"},
+        },
+    }
+
+
+def _schemas(model: str, dimension: int) -> dict[str, Any]:
+    vector = {
+        "type": "array",
+        "items": {"type": "number"},
+        "minItems": 1,
+        "maxItems": dimension,
+    }
+    return {
+        "Embedding": {
+            "type": "object",
+            "required": ["embedding", "model", "tokens", "cached", "latency_ms"],
+            "properties": {
+                "embedding": {**vector, "minItems": dimension},
+                "model": {"type": "string", "const": model},
+                "tokens": {"type": "integer", "minimum": 2},
+                "cached": {"type": "boolean"},
+                "latency_ms": {"type": "number", "minimum": 0},
+            },
+        },
+        "EmbeddingList": {
+            "type": "object",
+            "required": ["object", "data", "model", "usage"],
+            "properties": {
+                "object": {"const": "list"},
+                "data": {
+                    "type": "array",
+                    "minItems": 1,
+                    "maxItems": MAX_INPUTS,
+                    "items": {
+                        "type": "object",
+                        "required": ["object", "index", "embedding"],
+                        "properties": {
+                            "object": {"const": "embedding"},
+                            "index": {"type": "integer", "minimum": 0},
+                            "embedding": {
+                                "oneOf": [
+                                    vector,
+                                    {"type": "string", "contentEncoding": "base64"},
+                                ]
+                            },
+                        },
+                    },
+                },
+                "model": {"type": "string", "const": model},
+                "usage": {
+                    "type": "object",
+                    "required": ["prompt_tokens", "total_tokens"],
+                    "properties": {
+                        "prompt_tokens": {"type": "integer", "minimum": 0},
+                        "total_tokens": {"type": "integer", "minimum": 0},
+                    },
+                },
+            },
+        },
+        "ModelList": {
+            "type": "object",
+            "required": ["object", "data"],
+            "properties": {
+                "object": {"const": "list"},
+                "data": {
+                    "type": "array",
+                    "minItems": 1,
+                    "items": {
+                        "type": "object",
+                        "required": ["id", "object", "created", "owned_by"],
+                        "properties": {
+                            "id": {"type": "string"},
+                            "object": {"const": "model"},
+                            "created": {"type": "integer"},
+                            "owned_by": {"type": "string"},
+                        },
+                    },
+                },
+            },
+        },
+        "Health": {
+            "type": "object",
+            "required": ["status", "version", "model", "checks"],
+            "properties": {
+                "status": {"enum": ["healthy", "degraded", "unhealthy"]},
+                "version": {"type": "string"},
+                "model": {"type": "string"},
+                "checks": {
+                    "type": "object",
+                    "required": ["database", "redis", "model"],
+                    "properties": {
+                        name: {"enum": ["ok", "error"]} for name in ("database", "redis", "model")
+                    },
+                },
+                "build": {"type": "object"},
+            },
+        },
+        "Error": {
+            "type": "object",
+            "description": "Every error: a stable `error` code and a message for people. Some "
+            "carry details (`param`, `max_tokens`, `tokens`, `index`, `max_bytes`, `limit`, "
+            "`reset_at`).",
+            "required": ["error", "message"],
+            "properties": {
+                "error": {"type": "string", "enum": _all_codes()},
+                "message": {"type": "string"},
+                "param": {"type": ["string", "null"]},
+                "max_tokens": {"type": "integer"},
+                "tokens": {"type": "integer"},
+                "index": {"type": "integer"},
+                "max_bytes": {"type": "integer"},
+                "limit": {"type": "integer"},
+                "reset_at": {"type": "string", "format": "date-time"},
+            },
+        },
+        "OpenAIError": {
+            "type": "object",
+            "description": "OpenAI's error envelope; `code` is the same stable code as `error` "
+            "on the other endpoints.",
+            "required": ["error"],
+            "properties": {
+                "error": {
+                    "type": "object",
+                    "required": ["message", "type", "param", "code"],
+                    "properties": {
+                        "message": {"type": "string"},
+                        "type": {"type": "string"},
+                        "param": {"type": ["string", "null"]},
+                        "code": {"type": "string", "enum": _all_codes()},
+                    },
+                }
+            },
+        },
+    }
+
+
+def _all_codes() -> list[str]:
+    """Every stable error code the service can answer with."""
+    return sorted({cls.code for cls in _error_classes(errors.ApiError)})
+
+
+def _error_classes(base: type[errors.ApiError]) -> list[type[errors.ApiError]]:
+    found = [base]
+    for sub in base.__subclasses__():
+        found.extend(_error_classes(sub))
+    return found
+
+
+async def openapi_json(request: Request) -> Response:
+    """GET /openapi.json, built once per process (the model is known once services start)."""
+    document = getattr(request.app.state, "openapi_document", None)
+    if document is None:
+        services: Services = request.app.state.services
+        document = orjson.dumps(
+            build_openapi(services.settings, services.embeddings.manifest, build_info()["version"])
+        )
+        request.app.state.openapi_document = document
+    return Response(document, media_type=JSON)
