@@ -3,8 +3,8 @@
 The lookup is by SHA-256 of the presented key (an indexed equality on the hash), never a
 comparison on the plain key, so response time says nothing about how close a guess was.
 Valid and unknown keys are both cached for `ttl` seconds, which keeps PostgreSQL off the hot path;
-concurrent lookups are coalesced into one query, which makes floods of random keys cheap; a
-revoked key is refused within `ttl`.
+lookups are coalesced into one query at a time, at most one per `min_query_interval`, which makes
+floods of random keys cheap however they are paced; a revoked key is refused within `ttl`.
 """
 
 from __future__ import annotations
@@ -43,6 +43,7 @@ class Authenticator:
         ttl: float,
         max_entries: int = 100_000,
         last_used_interval: float = 5.0,
+        min_query_interval: float = 0.02,
         on_query: Callable[[], None] = lambda: None,
     ) -> None:
         self.pool = pool
@@ -53,6 +54,8 @@ class Authenticator:
         self._used_keys: set[int] = set()
         self._flusher: asyncio.Task[None] | None = None
         self.max_lookup_batch = 1000
+        self.min_query_interval = min_query_interval
+        self._last_query = float("-inf")  # loop time of the last query's start
         self.on_query = on_query
         self._waiting: dict[str, asyncio.Future[Principal | None]] = {}
         self._lookups: asyncio.Task[None] | None = None
@@ -76,8 +79,11 @@ class Authenticator:
         """Look `digest` up together with every other lookup waiting meanwhile.
 
         Lookups are coalesced: one query at a time, for all the hashes that arrived while the
-        previous one ran, and one future per hash however many requests carry it. A flood of
-        random keys therefore costs a handful of queries, not one each.
+        previous one ran, and one future per hash however many requests carry it. Queries also
+        start at most once per `min_query_interval`: without that, keys arriving a little apart
+        (a client slower than PostgreSQL, a few connections) got a query each. A flood of random
+        keys therefore costs PostgreSQL at most 1/min_query_interval queries a second, however
+        it is paced; a lookup on an otherwise quiet service still starts at once.
         """
         future = self._waiting.get(digest)
         if future is None:
@@ -88,8 +94,12 @@ class Authenticator:
         return await asyncio.shield(future)
 
     async def _run_lookups(self) -> None:
+        loop = asyncio.get_running_loop()
         while self._waiting:
-            await asyncio.sleep(0)  # let this turn of the loop add its lookups too
+            # Wait out the interval since the last query (on a quiet service: nothing, but this
+            # turn of the loop still adds its lookups); whatever arrives meanwhile joins in.
+            await asyncio.sleep(max(0.0, self._last_query + self.min_query_interval - loop.time()))
+            self._last_query = loop.time()
             batch = dict(list(self._waiting.items())[: self.max_lookup_batch])
             for digest in batch:
                 del self._waiting[digest]
