@@ -64,6 +64,7 @@ class Settings:
     api_key_prefix: str = "sk_"
     workers: int = 1
     max_request_bytes: int = 1024 * 1024
+    read_timeout: float = 30.0
     auth_cache_ttl: float = 10.0
     db_pool_size: int = 10
     shutdown_timeout: float = 30.0
@@ -119,6 +120,7 @@ class Settings:
             max_request_bytes=reader.integer(
                 "MAX_REQUEST_BYTES", 1024 * 1024, low=1024, high=64 * 1024 * 1024
             ),
+            read_timeout=reader.number("READ_TIMEOUT", 30.0, low=1.0, high=3600.0),
             auth_cache_ttl=reader.number("AUTH_CACHE_TTL", 10.0, low=0.0, high=3600.0),
             db_pool_size=reader.integer("DB_POOL_SIZE", 10, low=1, high=100),
             shutdown_timeout=reader.number("SHUTDOWN_TIMEOUT", 30.0, low=0.0, high=600.0),

@@ -78,6 +78,14 @@ class UnsupportedMediaType(ApiError):
     code = "unsupported_media_type"
 
 
+class RequestTimeout(ApiError):
+    """The request body did not arrive in time (a slow or stalled client)."""
+
+    openai_type = "invalid_request_error"
+    status = 408
+    code = "request_timeout"
+
+
 class RateLimitExceeded(ApiError):
     openai_type = "insufficient_quota"
     status = 429

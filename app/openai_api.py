@@ -19,8 +19,8 @@ from app.errors import InvalidRequest, ModelNotFound, TextTooLongError
 from app.responses import JSONResponse
 from app.routes import (
     authenticate,
+    json_body,
     quota_headers_on_error,
-    read_json,
     serve,
     services_of,
     tokenize,
@@ -35,7 +35,7 @@ async def embeddings(request: Request) -> Response:
     services = services_of(request)
     principal = await authenticate(services, request)
     async with quota_headers_on_error(services, principal):
-        payload = await read_json(request, services.settings.max_request_bytes)
+        payload = await json_body(request, services)
         texts, encoding_format, dimensions = parse_request(payload, services)
         try:
             token_ids = await tokenize(services, texts)
@@ -90,8 +90,9 @@ def parse_request(payload: Any, services: Services) -> tuple[list[str], str, int
         f"sentence-transformers/{served_name}",
         *services.settings.model_aliases,
     ):
+        shown = model if len(model) <= 64 else model[:64] + "..."  # never echo a megabyte
         raise ModelNotFound(
-            f"the model {model!r} is not served here; use {served_name!r}", param="model"
+            f"the model {shown!r} is not served here; use {served_name!r}", param="model"
         )
 
     raw = payload.get("input")

@@ -7,7 +7,6 @@ import time
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
-import orjson
 import psycopg
 from psycopg_pool import PoolTimeout
 from starlette.requests import Request
@@ -19,7 +18,6 @@ from app.engine import TextTooLong
 from app.errors import (
     ApiError,
     InvalidRequest,
-    PayloadTooLarge,
     RateLimitExceeded,
     ServiceUnavailable,
     TextTooLongError,
@@ -30,6 +28,7 @@ from app.errors import (
 )
 from app.pipeline import Served
 from app.quota import QuotaExceeded
+from app.request_body import read_json
 from app.responses import JSONResponse
 from app.services import Services
 
@@ -77,7 +76,7 @@ async def embed(request: Request) -> Response:
     services = services_of(request)
     principal = await authenticate(services, request)
     async with quota_headers_on_error(services, principal):
-        payload = await read_json(request, services.settings.max_request_bytes)
+        payload = await json_body(request, services)
         text, normalize = parse_embed_request(payload)
         (token_ids,) = await tokenize(services, [text])
         served = await serve(services, principal, [token_ids], normalize)
@@ -116,6 +115,13 @@ async def quota_headers_on_error(services: Services, principal: Principal) -> As
         raise
 
 
+async def json_body(request: Request, services: Services) -> Any:
+    settings = services.settings
+    return await read_json(
+        request, max_bytes=settings.max_request_bytes, timeout=settings.read_timeout
+    )
+
+
 async def tokenize(services: Services, texts: list[str]) -> list[list[int]]:
     try:
         return await services.embeddings.tokenize(texts)
@@ -148,27 +154,6 @@ async def serve(
         raise OverloadedError(f"too much work is queued ({exc}); retry shortly") from None
     except _UNAVAILABLE:
         raise ServiceUnavailable("the database is unavailable; retry shortly") from None
-
-
-async def read_json(request: Request, limit: int) -> Any:
-    """Read at most `limit` bytes of body and parse it; a larger body is refused unread."""
-    declared = request.headers.get("content-length")
-    if declared is not None:
-        if not declared.isdigit():
-            raise InvalidRequest("invalid Content-Length header")
-        if int(declared) > limit:
-            raise PayloadTooLarge(f"request body is over {limit} bytes", max_bytes=limit)
-    chunks: list[bytes] = []
-    size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise PayloadTooLarge(f"request body is over {limit} bytes", max_bytes=limit)
-        chunks.append(chunk)
-    try:
-        return orjson.loads(b"".join(chunks))
-    except orjson.JSONDecodeError as exc:
-        raise InvalidRequest(f"request body is not valid JSON: {exc.msg}") from None
 
 
 def parse_embed_request(payload: Any) -> tuple[str, bool]:

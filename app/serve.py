@@ -20,6 +20,8 @@ from app.engine import ModelError, ModelManifest
 
 log = logging.getLogger(__name__)
 
+_READ_TIMEOUT_BACKSTOP = 5.0
+
 
 def hypercorn_config(settings: Settings) -> Config:
     config = Config()
@@ -33,9 +35,13 @@ def hypercorn_config(settings: Settings) -> Config:
     config.accesslog = None  # our middleware writes the access log
     config.errorlog = logging.getLogger("hypercorn.error")
     config.include_server_header = False
+    # Also the time a new connection has to send its request's headers: a client trickling
+    # them a byte at a time is dropped after this many seconds.
     config.keep_alive_timeout = 5
-    # A client that stops sending mid-request is dropped instead of holding a connection.
-    config.read_timeout = 30
+    # Bodies: the app answers 408 once READ_TIMEOUT has passed without the whole body (a
+    # client sending a byte a second never trips a per-read timeout). Hypercorn's own per-read
+    # timeout is only a backstop behind it, so that the client gets the 408, not a bare close.
+    config.read_timeout = settings.read_timeout + _READ_TIMEOUT_BACKSTOP
     return config
 
 
