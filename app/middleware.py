@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import re
 import time
@@ -23,6 +24,11 @@ log = logging.getLogger(__name__)
 _SECURITY_HEADERS = ((b"x-content-type-options", b"nosniff"), (b"cache-control", b"no-store"))
 _DISCARD_IDLE = 1.0
 _DISCARD_LIMIT = 30.0
+# Answers that end the connection whatever is left of the body: too big, or too slow.
+_CLOSING_STATUSES = (408, 413)
+# At most this much already-received body is dropped to keep a connection open after an early
+# answer; past it the connection is closed instead.
+_TAKE_QUEUED_BYTES = 1024 * 1024
 _CLIENT_REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 
 
@@ -64,6 +70,8 @@ class RequestContextMiddleware:
                     (b"x-request-id", request_id.encode()),
                     *_SECURITY_HEADERS,
                 ]
+                if not body_complete and status not in _CLOSING_STATUSES:
+                    await _take_queued_body(receive_tracking_body, lambda: body_complete)
                 if not body_complete:
                     # Answered before the body was read (413, 401, ...): this connection
                     # cannot carry another request, so say so.
@@ -109,6 +117,28 @@ class RequestContextMiddleware:
                 },
             )
             request_id_var.reset(token)
+
+
+async def _take_queued_body(receive: Receive, complete: Callable[[], bool]) -> None:
+    """Drop the body chunks hypercorn has already received, without waiting for more.
+
+    A small body usually arrived with its headers: when the app answers without reading it
+    (401, a refused media type), dropping it keeps the connection open for the next request,
+    which matters most to a client that pipelined several on one connection (closing would
+    lose every answer after this one). A body still on its way is left alone: the connection
+    is closed instead.
+    """
+    taken = 0
+    while not complete() and taken <= _TAKE_QUEUED_BYTES:
+        pending = asyncio.ensure_future(receive())
+        # One turn of the loop: a chunk already queued is taken in it, one on the wire is not.
+        await asyncio.sleep(0)
+        if not pending.done():
+            pending.cancel()  # the queue keeps its chunk; nothing is lost
+            with contextlib.suppress(asyncio.CancelledError):
+                await pending
+            return
+        taken += len(pending.result().get("body", b""))
 
 
 async def _discard_unread_body(receive: Receive, complete: Callable[[], bool]) -> None:
