@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from app.engine import Embedder, ModelManifest
+from app.memory import HeapTrimmer
 
 RunRows = Callable[[Sequence[Sequence[int]]], np.ndarray]
 
@@ -154,6 +155,8 @@ class EmbeddingService:
     """
 
     INLINE_TOKENIZE_CHARS = 2048
+    # Past this many characters, the tokenizer's buffers are worth handing back to the OS.
+    TRIM_AFTER_CHARS = 64 * 1024
 
     def __init__(
         self,
@@ -167,6 +170,7 @@ class EmbeddingService:
         self.embedder = embedder
         self._inference = ThreadPoolExecutor(max_workers=1, thread_name_prefix="onnx")
         self._tokenizing = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenize")
+        self._heap = HeapTrimmer()
         self.queue = BatchingQueue(
             lambda rows: embedder.infer(rows, normalize=False),
             self._inference,
@@ -184,10 +188,20 @@ class EmbeddingService:
         self.queue.start()
 
     async def tokenize(self, texts: Sequence[str]) -> list[list[int]]:
-        if sum(len(t) for t in texts) <= self.INLINE_TOKENIZE_CHARS:
+        chars = sum(len(t) for t in texts)
+        if chars <= self.INLINE_TOKENIZE_CHARS:
             return self.embedder.tokenize(texts)
+        work = self._tokenize_and_trim if chars > self.TRIM_AFTER_CHARS else self.embedder.tokenize
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._tokenizing, self.embedder.tokenize, texts)
+        return await loop.run_in_executor(self._tokenizing, work, texts)
+
+    def _tokenize_and_trim(self, texts: Sequence[str]) -> list[list[int]]:
+        # A megabyte of text (a hostile one refused as too long, or 2,048 legitimate inputs)
+        # costs ~100 MB of tokenizer buffers; without this the process keeps them for good.
+        try:
+            return self.embedder.tokenize(texts)
+        finally:
+            self._heap.release()
 
     async def infer(self, token_ids: Sequence[Sequence[int]], *, normalize: bool) -> np.ndarray:
         return await self.queue.submit(token_ids, normalize=normalize)
