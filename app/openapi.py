@@ -28,6 +28,7 @@ _EMBED_ERRORS = (
     errors.InvalidRequest,
     errors.TextTooLongError,
     errors.Unauthorized,
+    errors.RequestTimeout,
     errors.PayloadTooLarge,
     errors.UnsupportedMediaType,
     errors.RateLimitExceeded,
@@ -38,9 +39,12 @@ _OPENAI_EMBED_ERRORS = (*_EMBED_ERRORS, errors.ModelNotFound)
 _MODELS_ERRORS = (errors.Unauthorized, errors.ServiceUnavailable)
 
 _ERROR_DESCRIPTIONS = {
-    400: "Invalid request (`invalid_request`, `text_too_long`)",
+    400: "Invalid request (`invalid_request`: not JSON, a duplicate key, a wrong type or "
+    "value; `text_too_long`)",
     401: "Missing, unknown or revoked API key (`invalid_api_key`)",
     404: "The model is not served here (`model_not_found`)",
+    408: "The body did not arrive within READ_TIMEOUT seconds (`request_timeout`); the "
+    "connection is closed",
     413: "The body is over the size limit (`payload_too_large`); it is refused unread",
     415: "The body is not JSON (`unsupported_media_type`)",
     429: "The monthly quota is used up (`rate_limit_exceeded`)",
@@ -70,8 +74,9 @@ def build_openapi(settings: Settings, manifest: ModelManifest, version: str) -> 
                 "Send text with an API key, get back a sentence embedding. Every embedding served "
                 "counts against the key owner's monthly quota. `/v1/embeddings` and `/v1/models` "
                 "speak OpenAI's dialect (point an OpenAI client's `base_url` at `/v1`), errors "
-                "included. Request bodies are JSON of at most "
-                f"{settings.max_request_bytes} bytes."
+                "included. Request bodies are UTF-8 JSON (`Content-Type: application/json`, or "
+                f"none) of at most {settings.max_request_bytes} bytes, arriving within "
+                f"{settings.read_timeout:g} seconds, with no duplicate keys."
             ),
         },
         "security": [{"bearerAuth": []}],

@@ -79,7 +79,7 @@ def test_every_operation_documents_its_errors_and_auth(document: dict) -> None:
             assert "401" in operation["responses"], (method, path)
             assert "503" in operation["responses"], (method, path)
             if method == "post":
-                for status in ("400", "413", "415", "429"):
+                for status in ("400", "408", "413", "415", "429"):
                     assert status in operation["responses"], (method, path, status)
                 headers = operation["responses"]["200"]["headers"]
                 assert "X-RateLimit-Limit" in headers
