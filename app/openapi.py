@@ -80,6 +80,10 @@ def build_openapi(settings: Settings, manifest: ModelManifest, version: str) -> 
             ),
         },
         "security": [{"bearerAuth": []}],
+        "tags": [
+            {"name": "embeddings", "description": "The API: needs `Authorization: Bearer <key>`"},
+            {"name": "service", "description": "Health, metrics and this contract: no key"},
+        ],
         "paths": {
             "/": {"get": _index_operation()},
             "/health": {"get": _health_operation()},
@@ -150,7 +154,7 @@ def _embeddings_operation(
     return {
         "operationId": "createEmbeddings",
         "summary": "Embed one text or up to 2048 (OpenAI-compatible)",
-        "tags": ["embeddings", "openai"],
+        "tags": ["embeddings"],
         "description": "Each input counts as one embedding against the quota; a batch that would "
         "cross the quota is refused whole and consumes nothing. Errors use OpenAI's envelope, "
         "with `param` naming the offending input (`input[3]`).",
@@ -211,7 +215,7 @@ def _models_operation(model: str, settings: Settings) -> dict[str, Any]:
     return {
         "operationId": "listModels",
         "summary": "The served model (OpenAI-compatible)",
-        "tags": ["openai"],
+        "tags": ["embeddings"],
         "responses": {
             "200": _response("The served model", {"$ref": "#/components/schemas/ModelList"}),
             **_error_responses(_MODELS_ERRORS, "#/components/schemas/OpenAIError"),
