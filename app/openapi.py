@@ -116,26 +116,18 @@ def _embed_operation(
         "operationId": "embed",
         "summary": "Embed one text",
         "tags": ["embeddings"],
-        "requestBody": {
-            "required": True,
-            "content": {
-                JSON: {
-                    "schema": {
-                        "type": "object",
-                        "required": ["text"],
-                        "properties": {
-                            "text": text,
-                            "normalize": {
-                                "type": "boolean",
-                                "default": True,
-                                "description": "L2-normalise the vector (unit length).",
-                            },
-                        },
-                    },
-                    "example": {"text": "The quick brown fox"},
-                }
+        "requestBody": _json_body(
+            {
+                "text": text,
+                "normalize": {
+                    "type": "boolean",
+                    "default": True,
+                    "description": "L2-normalise the vector (unit length).",
+                },
             },
-        },
+            required=["text"],
+            example={"text": "The quick brown fox"},
+        ),
         "responses": {
             "200": _response(
                 "The embedding",
@@ -158,48 +150,32 @@ def _embeddings_operation(
         "description": "Each input counts as one embedding against the quota; a batch that would "
         "cross the quota is refused whole and consumes nothing. Errors use OpenAI's envelope, "
         "with `param` naming the offending input (`input[3]`).",
-        "requestBody": {
-            "required": True,
-            "content": {
-                JSON: {
-                    "schema": {
-                        "type": "object",
-                        "required": ["model", "input"],
-                        "properties": {
-                            "model": {"type": "string", "enum": models},
-                            "input": {
-                                "oneOf": [
-                                    text,
-                                    {
-                                        "type": "array",
-                                        "items": text,
-                                        "minItems": 1,
-                                        "maxItems": MAX_INPUTS,
-                                    },
-                                ]
-                            },
-                            "encoding_format": {
-                                "type": "string",
-                                "enum": ["float", "base64"],
-                                "default": "float",
-                                "description": "`base64`: little-endian float32 bytes.",
-                            },
-                            "dimensions": {
-                                "type": ["integer", "null"],
-                                "minimum": 1,
-                                "maximum": dimension,
-                                "description": "Keep the first N dimensions, re-normalised.",
-                            },
-                            "user": {
-                                "type": ["string", "null"],
-                                "description": "Accepted and ignored.",
-                            },
-                        },
-                    },
-                    "example": {"model": model, "input": ["The quick brown fox", "hello"]},
-                }
+        "requestBody": _json_body(
+            {
+                "model": {"type": "string", "enum": models},
+                "input": {
+                    "oneOf": [
+                        text,
+                        {"type": "array", "items": text, "minItems": 1, "maxItems": MAX_INPUTS},
+                    ]
+                },
+                "encoding_format": {
+                    "type": "string",
+                    "enum": ["float", "base64"],
+                    "default": "float",
+                    "description": "`base64`: little-endian float32 bytes.",
+                },
+                "dimensions": {
+                    "type": ["integer", "null"],
+                    "minimum": 1,
+                    "maximum": dimension,
+                    "description": "Keep the first N dimensions, re-normalised.",
+                },
+                "user": {"type": ["string", "null"], "description": "Accepted and ignored."},
             },
-        },
+            required=["model", "input"],
+            example={"model": model, "input": ["The quick brown fox", "hello"]},
+        ),
         "responses": {
             "200": _response(
                 "The embeddings, in input order",
@@ -338,6 +314,13 @@ _RATE_LIMIT_HEADERS = {
     name: {"$ref": f"#/components/headers/{name}"}
     for name in ("X-RateLimit-Limit", "X-RateLimit-Remaining", "X-RateLimit-Reset")
 }
+
+
+def _json_body(
+    properties: dict[str, Any], *, required: list[str], example: dict[str, Any]
+) -> dict[str, Any]:
+    schema = {"type": "object", "required": required, "properties": properties}
+    return {"required": True, "content": {JSON: {"schema": schema, "example": example}}}
 
 
 def _response(

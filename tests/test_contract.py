@@ -12,7 +12,6 @@ import json
 import os
 import re
 import subprocess
-from collections.abc import Iterator
 
 import httpx
 import pytest
@@ -21,22 +20,10 @@ from starlette.routing import Route
 
 from app.config import Settings
 from app.server import create_app
-from tests.conftest import Servers
-from tests.helpers import BIN, REPO, ApiProcess, base_env, create_key
+from tests.helpers import BIN, REPO, ApiProcess, create_key
 
 ARTIFACTS = REPO / ".artifacts"
 FUZZ_EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "100"))
-
-
-@pytest.fixture(scope="module")
-def api(servers: Servers, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ApiProcess]:
-    env = base_env(DATABASE_URL=servers.new_database(), REDIS_URL=servers.redis_url)
-    process = ApiProcess(env, tmp_path_factory.mktemp("contract")).start()
-    try:
-        process.wait_healthy()
-        yield process
-    finally:
-        process.stop()
 
 
 @pytest.fixture(scope="module")
