@@ -15,7 +15,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from app.errors import InternalError
 from app.logs import request_id_var
 from app.metrics import Metrics
-from app.responses import OPENAI_PATHS, error_response
+from app.responses import error_response
 
 access_log = logging.getLogger("smally.access")
 log = logging.getLogger(__name__)
@@ -92,10 +92,7 @@ class RequestContextMiddleware:
             log.exception("unhandled error")
             state["error"] = InternalError.code
             if not response_started:
-                response = error_response(
-                    InternalError("internal server error"),
-                    openai=scope["path"].startswith(OPENAI_PATHS),
-                )
+                response = error_response(InternalError("internal server error"), scope["path"])
                 await response(scope, receive, send_with_context)
         finally:
             duration = time.perf_counter() - started

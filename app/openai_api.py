@@ -78,6 +78,11 @@ async def models(request: Request) -> Response:
     )
 
 
+def accepted_model_names(served_name: str, aliases: tuple[str, ...]) -> tuple[str, ...]:
+    """What `model` may say: the served name, its sentence-transformers id, configured aliases."""
+    return (served_name, f"sentence-transformers/{served_name}", *aliases)
+
+
 def parse_request(payload: Any, services: Services) -> tuple[list[str], str, int | None]:
     if not isinstance(payload, dict):
         raise InvalidRequest("request body must be a JSON object", param=None)
@@ -85,11 +90,7 @@ def parse_request(payload: Any, services: Services) -> tuple[list[str], str, int
     model = payload.get("model")
     if not isinstance(model, str) or not model:
         raise InvalidRequest("'model' is required (a string)", param="model")
-    if model not in (
-        served_name,
-        f"sentence-transformers/{served_name}",
-        *services.settings.model_aliases,
-    ):
+    if model not in accepted_model_names(served_name, services.settings.model_aliases):
         shown = model if len(model) <= 64 else model[:64] + "..."  # never echo a megabyte
         raise ModelNotFound(
             f"the model {shown!r} is not served here; use {served_name!r}", param="model"

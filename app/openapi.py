@@ -18,7 +18,7 @@ from app import errors
 from app.buildinfo import build_info
 from app.config import Settings
 from app.engine import ModelManifest
-from app.openai_api import MAX_INPUTS
+from app.openai_api import MAX_INPUTS, accepted_model_names
 from app.services import Services
 
 JSON = "application/json"
@@ -91,9 +91,9 @@ def build_openapi(settings: Settings, manifest: ModelManifest, version: str) -> 
             "/openapi.json": {"get": _openapi_operation()},
             "/docs": {"get": _docs_operation()},
             "/docs/{asset}": {"get": _docs_asset_operation()},
-            "/v1/embed": {"post": _embed_operation(text, model, dimension, settings)},
+            "/v1/embed": {"post": _embed_operation(text)},
             "/v1/embeddings": {"post": _embeddings_operation(text, model, dimension, settings)},
-            "/v1/models": {"get": _models_operation(model, settings)},
+            "/v1/models": {"get": _models_operation()},
         },
         "components": {
             "securitySchemes": {
@@ -109,9 +109,7 @@ def build_openapi(settings: Settings, manifest: ModelManifest, version: str) -> 
     }
 
 
-def _embed_operation(
-    text: dict[str, Any], model: str, dimension: int, settings: Settings
-) -> dict[str, Any]:
+def _embed_operation(text: dict[str, Any]) -> dict[str, Any]:
     return {
         "operationId": "embed",
         "summary": "Embed one text",
@@ -142,7 +140,7 @@ def _embed_operation(
 def _embeddings_operation(
     text: dict[str, Any], model: str, dimension: int, settings: Settings
 ) -> dict[str, Any]:
-    models = [model, f"sentence-transformers/{model}", *settings.model_aliases]
+    models = list(accepted_model_names(model, settings.model_aliases))
     return {
         "operationId": "createEmbeddings",
         "summary": "Embed one text or up to 2048 (OpenAI-compatible)",
@@ -187,7 +185,7 @@ def _embeddings_operation(
     }
 
 
-def _models_operation(model: str, settings: Settings) -> dict[str, Any]:
+def _models_operation() -> dict[str, Any]:
     return {
         "operationId": "listModels",
         "summary": "The served model (OpenAI-compatible)",

@@ -20,6 +20,7 @@ class JSONResponse(Response):
         return orjson.dumps(content, option=orjson.OPT_SERIALIZE_NUMPY)
 
 
-def error_response(error: ApiError, *, openai: bool = False) -> JSONResponse:
-    body = error.openai_body() if openai else error.body()
+def error_response(error: ApiError, path: str) -> JSONResponse:
+    """The error in the envelope of the endpoint at `path`: OpenAI's on its endpoints."""
+    body = error.openai_body() if path.startswith(OPENAI_PATHS) else error.body()
     return JSONResponse(body, status_code=error.status, headers=error.headers)

@@ -17,7 +17,7 @@ from app.config import Settings
 from app.errors import ApiError, InternalError, MethodNotAllowed, NotFound
 from app.metrics import Metrics
 from app.middleware import RequestContextMiddleware
-from app.responses import OPENAI_PATHS, error_response
+from app.responses import error_response
 from app.services import Services
 
 
@@ -78,7 +78,7 @@ async def _http_error(request: Request, exc: Exception) -> Response:
 
 def _respond(request: Request, error: ApiError) -> Response:
     request.state.error = error.code  # counted by the middleware
-    return error_response(error, openai=request.scope["path"].startswith(OPENAI_PATHS))
+    return error_response(error, request.scope["path"])
 
 
 def create_app_from_env() -> Starlette:
