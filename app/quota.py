@@ -11,14 +11,12 @@ served meanwhile are dropped, so they are rebuilt from the ledger, which has eve
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
 import redis.asyncio as aioredis
 from psycopg_pool import AsyncConnectionPool
-from redis.exceptions import MaxConnectionsError
 
 from app.auth import Principal
 from app.redis_link import RedisLink
@@ -134,23 +132,13 @@ class QuotaService:
         end: datetime,
     ) -> int:
         for _ in range(3):
-            allowed, used = await self._run_consume(key, count, limit)
+            allowed, used = await self._consume(keys=[key], args=[count, limit])
             if allowed == 1:
                 return int(used)
             if allowed == 0:
                 raise QuotaExceeded(QuotaState(limit, int(used), end), principal.tier)
             await self._rebuild(key, principal.user_id, start, end)
         raise aioredis.RedisError("quota counter vanished while rebuilding it")
-
-    async def _run_consume(self, key: str, count: int, limit: int) -> tuple[int, int]:
-        # A burst can exhaust our connection pool for a moment. Deciding that request in
-        # PostgreSQL instead would mix the two stores, so it waits for Redis (up to ~1 s).
-        for _ in range(200):
-            try:
-                return await self._consume(keys=[key], args=[count, limit])
-            except MaxConnectionsError:
-                await asyncio.sleep(0.005)
-        return await self._consume(keys=[key], args=[count, limit])
 
     async def _rebuild(self, key: str, user_id: int, start: datetime, end: datetime) -> None:
         # Our own buffered records go in first, so the ledger holds all that this process served.

@@ -13,7 +13,6 @@ import logging
 from collections.abc import Awaitable, Callable
 
 import redis.asyncio as aioredis
-from redis.exceptions import MaxConnectionsError
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +29,17 @@ class RedisLink:
         probe_interval: float = 1.0,
         max_connections: int = 64,
     ) -> None:
-        self.client = aioredis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout)
+        # A burst waits (up to `timeout`) for one of `max_connections` instead of failing: a
+        # busy pool is not Redis being down, and the quota must not fall back to PostgreSQL
+        # for it (that would mix the two stores).
+        pool = aioredis.BlockingConnectionPool.from_url(
+            url,
+            max_connections=max_connections,
+            timeout=timeout,
+            socket_timeout=timeout,
+            socket_connect_timeout=timeout,
+        )
+        self.client = aioredis.Redis.from_pool(pool)
         self.key_prefix = key_prefix
         self.probe_interval = probe_interval
         self.available = True
@@ -47,8 +56,6 @@ class RedisLink:
         return self.available
 
     def failed(self, exc: BaseException) -> None:
-        if isinstance(exc, MaxConnectionsError):
-            return  # our own pool was busy for a moment: Redis itself is fine
         if self.available:
             self.available = False
             log.warning(
