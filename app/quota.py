@@ -12,6 +12,7 @@ served meanwhile are dropped, so they are rebuilt from the ledger, which has eve
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -19,6 +20,7 @@ import redis.asyncio as aioredis
 from psycopg_pool import AsyncConnectionPool
 
 from app.auth import Principal
+from app.errors import Overloaded
 from app.redis_link import RedisLink
 from app.usage import UsageRecorder
 
@@ -30,14 +32,27 @@ _LOCK_BASE = 1 << 40
 
 # KEYS[1]: the user's counter for the month. ARGV: count, limit.
 # Returns {-1, 0} when the counter is missing (rebuild it first), {0, used} when over quota,
-# {1, used_after} when consumed.
+# {1, used_after} when consumed. A negative counter or one without an expiry was not written by
+# a rebuild (e.g. a DECRBY that recreated a lost key): it is deleted and treated as missing.
 _CONSUME = """
 local current = redis.call('GET', KEYS[1])
 if not current then return {-1, 0} end
 current = tonumber(current)
+if current == nil or current < 0 or redis.call('TTL', KEYS[1]) < 0 then
+  redis.call('DEL', KEYS[1])
+  return {-1, 0}
+end
 local count = tonumber(ARGV[1])
 if current + count > tonumber(ARGV[2]) then return {0, current} end
 return {1, redis.call('INCRBY', KEYS[1], count)}
+"""
+
+# KEYS[1]: the user's counter. ARGV: count. Gives back only to a counter that still exists, so a
+# counter lost meanwhile (restart, flush, eviction) is rebuilt from the ledger, not recreated
+# at -count without an expiry (which handed the user back their month).
+_RELEASE = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+return redis.call('DECRBY', KEYS[1], ARGV[1])
 """
 
 
@@ -82,6 +97,7 @@ class Reservation:
     count: int
     tokens: int
     state: QuotaState
+    reserved_at: datetime  # the ledger row carries this instant, so the month it was counted in
     counter_key: str | None = None  # consumed from this Redis counter
     ledger_row_id: int | None = None  # or already written to the ledger (fallback)
 
@@ -93,12 +109,16 @@ class QuotaService:
         pool: AsyncConnectionPool,
         usage: UsageRecorder,
         limits: dict[str, int],
+        *,
+        clock: Callable[[], datetime] = lambda: datetime.now(UTC),
     ) -> None:
         self.link = link
+        self.clock = clock
         self.pool = pool
         self.usage = usage
         self.limits = limits
         self._consume = link.client.register_script(_CONSUME)
+        self._release = link.client.register_script(_RELEASE)
         self._served_without_redis: set[int] = set()
         link.on_recovery(self._forget_counters_of_fallback_users)
 
@@ -108,19 +128,27 @@ class QuotaService:
     async def reserve(self, principal: Principal, count: int, tokens: int) -> Reservation:
         """Consume `count` embeddings of the user's month, or raise QuotaExceeded."""
         limit = self.limit_of(principal.tier)
-        start, end = month_bounds(datetime.now(UTC))
+        now = self.clock()
+        start, end = month_bounds(now)
         if limit == UNLIMITED:
-            return Reservation(principal, count, tokens, QuotaState(limit, 0, end))
+            return Reservation(principal, count, tokens, QuotaState(limit, 0, end), now)
         if self.link.usable():
             key = self.link.key("quota", principal.user_id, start.strftime("%Y-%m"))
             try:
                 used = await self._consume_in_redis(key, principal, count, limit, start, end)
             except (aioredis.RedisError, OSError) as exc:
-                self.link.failed(exc)
+                self._outage_or_busy(exc)
             else:
                 state = QuotaState(limit, used, end)
-                return Reservation(principal, count, tokens, state, counter_key=key)
-        return await self._reserve_in_postgres(principal, count, tokens, limit, start, end)
+                return Reservation(principal, count, tokens, state, now, counter_key=key)
+        return await self._reserve_in_postgres(principal, count, tokens, limit, now)
+
+    def _outage_or_busy(self, exc: BaseException) -> None:
+        """A busy connection pool is not an outage: answer 503 rather than fall back, since a
+        fallback while other requests still consume in Redis would mix the two stores."""
+        if isinstance(exc, aioredis.ConnectionError) and "No connection available" in str(exc):
+            raise Overloaded("all Redis connections are busy; retry shortly") from None
+        self.link.failed(exc)
 
     async def _consume_in_redis(
         self,
@@ -168,9 +196,9 @@ class QuotaService:
         count: int,
         tokens: int,
         limit: int,
-        start: datetime,
-        end: datetime,
+        now: datetime,
     ) -> Reservation:
+        start, end = month_bounds(now)
         self._served_without_redis.add(principal.user_id)
         if self.usage.buffered:
             await self.usage.flush()
@@ -182,18 +210,18 @@ class QuotaService:
             if used + count > limit:
                 raise QuotaExceeded(QuotaState(limit, used, end), principal.tier)
             cursor = await conn.execute(
-                "INSERT INTO usage (user_id, api_key_id, embeddings_count, tokens)"
-                " VALUES (%s, %s, %s, %s) RETURNING id",
-                (principal.user_id, principal.key_id, count, tokens),
+                "INSERT INTO usage (user_id, api_key_id, embeddings_count, tokens, created_at)"
+                " VALUES (%s, %s, %s, %s, %s) RETURNING id",
+                (principal.user_id, principal.key_id, count, tokens, now),
             )
             (row_id,) = await cursor.fetchone()
         state = QuotaState(limit, used + count, end)
-        return Reservation(principal, count, tokens, state, ledger_row_id=row_id)
+        return Reservation(principal, count, tokens, state, now, ledger_row_id=row_id)
 
     async def status(self, principal: Principal) -> QuotaState:
         """The user's quota state, consuming nothing (for headers on error responses)."""
         limit = self.limit_of(principal.tier)
-        start, end = month_bounds(datetime.now(UTC))
+        start, end = month_bounds(self.clock())
         if limit == UNLIMITED:
             return QuotaState(limit, 0, end)
         if self.link.usable():
@@ -207,20 +235,22 @@ class QuotaService:
             except QuotaExceeded as exc:
                 return exc.state
             except (aioredis.RedisError, OSError) as exc:
-                self.link.failed(exc)
+                self._outage_or_busy(exc)
         return QuotaState(limit, await self._ledger_sum(principal.user_id, start, end), end)
 
     def commit(self, reservation: Reservation) -> None:
         """The embeddings were served: meter them (unless the fallback already did)."""
         if reservation.ledger_row_id is None:
             p = reservation.principal
-            self.usage.record(p.user_id, p.key_id, reservation.count, reservation.tokens)
+            self.usage.record(
+                p.user_id, p.key_id, reservation.count, reservation.tokens, reservation.reserved_at
+            )
 
     async def release(self, reservation: Reservation) -> None:
         """Serving failed after the reservation: give the embeddings back."""
         try:
             if reservation.counter_key is not None:
-                await self.link.client.decrby(reservation.counter_key, reservation.count)
+                await self._release(keys=[reservation.counter_key], args=[reservation.count])
             elif reservation.ledger_row_id is not None:
                 async with self.pool.connection() as conn:
                     await conn.execute(
@@ -232,6 +262,6 @@ class QuotaService:
     async def _forget_counters_of_fallback_users(self) -> None:
         users = set(self._served_without_redis)
         if users:
-            month = datetime.now(UTC).strftime("%Y-%m")
+            month = self.clock().strftime("%Y-%m")
             await self.link.client.delete(*(self.link.key("quota", u, month) for u in users))
         self._served_without_redis -= users

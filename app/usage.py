@@ -60,10 +60,18 @@ class UsageRecorder:
     def buffered(self) -> int:
         return len(self._buffer)
 
-    def record(self, user_id: int, api_key_id: int, embeddings_count: int, tokens: int) -> None:
-        self._buffer.append(
-            UsageRecord(user_id, api_key_id, embeddings_count, tokens, datetime.now(UTC))
-        )
+    def record(
+        self,
+        user_id: int,
+        api_key_id: int,
+        embeddings_count: int,
+        tokens: int,
+        created_at: datetime | None = None,
+    ) -> None:
+        """`created_at`: when the quota was reserved, so a request straddling a month's end is
+        billed in the month it was counted against (default: now)."""
+        stamp = created_at if created_at is not None else datetime.now(UTC)
+        self._buffer.append(UsageRecord(user_id, api_key_id, embeddings_count, tokens, stamp))
         self._enforce_bound()
         self._on_buffer_change(len(self._buffer))
         if len(self._buffer) >= self.flush_records:

@@ -1,0 +1,211 @@
+"""QuotaService against real PostgreSQL and a Redis of its own that the tests restart, with the
+faults of issue #16 made real."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+import psycopg
+import redis
+import redis.asyncio as aioredis
+
+from app.auth import Principal
+from app.devservers import LocalRedis
+from app.errors import Overloaded
+from app.quota import QuotaExceeded, QuotaService
+from app.redis_link import RedisLink
+from app.storage import apply_migrations, open_pool
+from app.usage import UsageRecorder
+from tests.conftest import Servers
+
+
+@dataclass
+class Stack:
+    quota: QuotaService
+    usage: UsageRecorder
+    link: RedisLink
+    principal: Principal
+    database_url: str
+
+
+def new_user(database_url: str, email: str) -> Principal:
+    with psycopg.connect(database_url) as conn:
+        (user_id,) = conn.execute(
+            "INSERT INTO users (email) VALUES (%s) RETURNING id", (email,)
+        ).fetchone()
+        (key_id,) = conn.execute(
+            "INSERT INTO api_keys (user_id, key_hash, key_prefix) VALUES (%s, %s, 'sk-test')"
+            " RETURNING id",
+            (user_id, f"{user_id:064d}"),
+        ).fetchone()
+    return Principal(key_id=key_id, user_id=user_id, tier="free")
+
+
+def ledger(database_url: str, user_id: int) -> int:
+    with psycopg.connect(database_url) as conn:
+        query = "SELECT coalesce(sum(embeddings_count), 0) FROM usage WHERE user_id = %s"
+        return int(conn.execute(query, (user_id,)).fetchone()[0])
+
+
+@asynccontextmanager
+async def stack(database_url: str, redis_url: str, limit: int) -> AsyncIterator[Stack]:
+    pool = await open_pool(database_url, max_size=4)
+    link = RedisLink(redis_url, key_prefix="faults:", timeout=1.0)
+    usage = UsageRecorder(pool)
+    quota = QuotaService(link, pool, usage, {"free": limit})
+    try:
+        yield Stack(quota, usage, link, new_user(database_url, "u@example.com"), database_url)
+    finally:
+        await usage.flush()
+        await link.stop()
+        await pool.close()
+
+
+async def reconnect(link: RedisLink) -> None:
+    """Let the client drop its connections to the old Redis process."""
+    for _ in range(20):
+        try:
+            await link.client.ping()
+            return
+        except (aioredis.RedisError, OSError):
+            await asyncio.sleep(0.1)
+
+
+async def serve_until_refused(s: Stack, at_most: int = 50) -> int:
+    served = 0
+    for _ in range(at_most):
+        try:
+            reservation = await s.quota.reserve(s.principal, 1, 3)
+        except QuotaExceeded:
+            return served
+        s.quota.commit(reservation)
+        served += 1
+    return served
+
+
+def test_release_after_a_redis_restart_gives_back_nothing(servers: Servers, tmp_path: Path) -> None:
+    """Issue #16.1: limit 10, 9 used, one request in flight, Redis restarted, the request fails."""
+    redis_server = LocalRedis(tmp_path / "redis", persist=False)
+    database_url = servers.new_database()
+    apply_migrations(database_url)
+
+    async def scenario() -> tuple[int, int, int]:
+        async with stack(database_url, redis_server.start(), limit=10) as s:
+            for _ in range(9):
+                s.quota.commit(await s.quota.reserve(s.principal, 1, 3))
+            await s.usage.flush()
+            in_flight = await s.quota.reserve(s.principal, 1, 3)
+            redis_server.stop()
+            redis_server.start()
+            await reconnect(s.link)
+            await s.quota.release(in_flight)  # e.g. Overloaded after the reservation
+            raw = redis.Redis.from_url(redis_server.url)
+            key = in_flight.counter_key
+            assert key is not None
+            counter, ttl = raw.get(key), raw.ttl(key)
+            print(f"after release: counter={counter!r} ttl={ttl}")
+            assert counter is None or (int(counter) >= 0 and ttl > 0)
+            served = await serve_until_refused(s)
+            await s.usage.flush()
+            return served, ledger(database_url, s.principal.user_id), int(raw.get(key) or 0)
+
+    try:
+        served, total, counter = asyncio.run(scenario())
+    finally:
+        redis_server.stop()
+    print(f"served after the restart: {served}, ledger {total}, counter {counter}")
+    assert served == 1
+    assert total == 10 and counter == 10
+
+
+def test_a_busy_redis_pool_is_a_503_not_an_outage(servers: Servers) -> None:
+    """Issue #16.4: a pool timing out ("No connection available") must not switch to PostgreSQL."""
+    database_url = servers.new_database()
+    apply_migrations(database_url)
+
+    async def scenario() -> None:
+        pool = await open_pool(database_url, max_size=2)
+        link = RedisLink(servers.redis_url, key_prefix="busy:", timeout=0.3, max_connections=1)
+        quota = QuotaService(link, pool, UsageRecorder(pool), {"free": 10})
+        principal = new_user(database_url, "busy@example.com")
+        try:
+            # The pool's one connection is taken, as by a burst of other requests.
+            held = await link.client.connection_pool.get_connection("PING")
+            try:
+                await quota.reserve(principal, 1, 3)
+            except Overloaded as exc:
+                print(f"refused: {exc.code} {exc}")
+            else:
+                raise AssertionError("a busy pool was taken as an outage and served")
+            assert link.usable(), "a busy pool marked Redis down"
+            await link.client.connection_pool.release(held)
+            assert (await quota.reserve(principal, 1, 3)).counter_key is not None
+            assert ledger(database_url, principal.user_id) == 0
+        finally:
+            await link.stop()
+            await pool.close()
+
+    asyncio.run(scenario())
+
+
+def test_the_ledger_row_carries_the_reservations_month(servers: Servers) -> None:
+    """Issue #16.9: reserved at 23:59:59.9 on the month's last day, committed after midnight."""
+    database_url = servers.new_database()
+    apply_migrations(database_url)
+    reserved = datetime(2026, 1, 31, 23, 59, 59, 900_000, tzinfo=UTC)
+
+    async def scenario() -> list[datetime]:
+        pool = await open_pool(database_url, max_size=2)
+        link = RedisLink(servers.redis_url, key_prefix=f"month-{uuid.uuid4().hex[:6]}:")
+        usage = UsageRecorder(pool)
+        principal = new_user(database_url, "midnight@example.com")
+        now = [reserved]
+        quota = QuotaService(link, pool, usage, {"free": 10}, clock=lambda: now[0])
+        try:
+            reservation = await quota.reserve(principal, 1, 3)
+            now[0] = datetime(2026, 2, 1, 0, 0, 0, 200_000, tzinfo=UTC)
+            quota.commit(reservation)
+            await usage.flush()
+            # The fallback path writes its row at reservation time too.
+            link.failed(RuntimeError("forced fallback"))
+            now[0] = reserved
+            await quota.reserve(principal, 1, 3)
+        finally:
+            await link.stop()
+            await pool.close()
+        with psycopg.connect(database_url) as conn:
+            rows = conn.execute("SELECT created_at FROM usage ORDER BY id").fetchall()
+        return [r[0] for r in rows]
+
+    stamps = asyncio.run(scenario())
+    print(f"ledger stamps: {stamps}")
+    assert [(s.astimezone(UTC).year, s.astimezone(UTC).month) for s in stamps] == [(2026, 1)] * 2
+
+
+def test_a_negative_or_unexpiring_counter_is_rebuilt(servers: Servers) -> None:
+    """What the old release() left behind (-1, no TTL) is rebuilt from the ledger, not trusted."""
+    database_url = servers.new_database()
+    apply_migrations(database_url)
+
+    async def scenario() -> list[int]:
+        async with stack(database_url, servers.redis_url, limit=10) as s:
+            s.link.key_prefix = f"neg-{uuid.uuid4().hex[:6]}:"
+            for _ in range(9):
+                s.quota.commit(await s.quota.reserve(s.principal, 1, 3))
+            await s.usage.flush()
+            raw = redis.Redis.from_url(servers.redis_url)
+            key = s.link.key("quota", s.principal.user_id, datetime.now(UTC).strftime("%Y-%m"))
+            seen = []
+            for value in (-1, 2):
+                raw.set(key, value)  # no expiry
+                seen.append((await s.quota.status(s.principal)).used)
+                assert raw.ttl(key) > 0
+            return seen
+
+    assert asyncio.run(scenario()) == [9, 9]
