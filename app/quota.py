@@ -30,11 +30,14 @@ UNLIMITED = -1
 # Advisory lock keys for the PostgreSQL fallback: one per user, clear of the migration lock.
 _LOCK_BASE = 1 << 40
 
-# KEYS[1]: the user's counter for the month. ARGV: count, limit.
-# Returns {-1, 0} when the counter is missing (rebuild it first), {0, used} when over quota,
-# {1, used_after} when consumed. A negative counter or one without an expiry was not written by
+# KEYS[1]: the user's counter for the month in this Redis process. ARGV: count, limit, run_id.
+# Returns {-2, run_id} when Redis is not the process the caller named (it restarted: the caller
+# moves to that process's counters), {-1, 0} when the counter is missing (rebuild it first),
+# {0, used} when over quota, {1, used_after} when consumed. A negative counter or one without an expiry was not written by
 # a rebuild (e.g. a DECRBY that recreated a lost key): it is deleted and treated as missing.
 _CONSUME = """
+local run_id = string.match(redis.call('INFO', 'server'), 'run_id:(%x+)')
+if run_id ~= ARGV[3] then return {-2, run_id} end
 local current = redis.call('GET', KEYS[1])
 if not current then return {-1, 0} end
 current = tonumber(current)
@@ -120,6 +123,7 @@ class QuotaService:
         self._consume = link.client.register_script(_CONSUME)
         self._release = link.client.register_script(_RELEASE)
         self._served_without_redis: set[int] = set()
+        self._run_id = ""  # the Redis process our counters live in (INFO server run_id)
         link.on_recovery(self._forget_counters_of_fallback_users)
 
     def limit_of(self, tier: str) -> int:
@@ -133,9 +137,8 @@ class QuotaService:
         if limit == UNLIMITED:
             return Reservation(principal, count, tokens, QuotaState(limit, 0, end), now)
         if self.link.usable():
-            key = self.link.key("quota", principal.user_id, start.strftime("%Y-%m"))
             try:
-                used = await self._consume_in_redis(key, principal, count, limit, start, end)
+                used, key = await self._consume_in_redis(principal, count, limit, start, end)
             except (aioredis.RedisError, OSError) as exc:
                 self._outage_or_busy(exc)
             else:
@@ -150,23 +153,36 @@ class QuotaService:
             raise Overloaded("all Redis connections are busy; retry shortly") from None
         self.link.failed(exc)
 
+    def _counter_key(self, user_id: int, month: datetime) -> str:
+        # The Redis process's run_id is part of the key: counters restored from a snapshot
+        # after a restart belong to the old run and are never read again (they expire).
+        return self.link.key("quota", user_id, month.strftime("%Y-%m"), self._run_id)
+
     async def _consume_in_redis(
         self,
-        key: str,
         principal: Principal,
         count: int,
         limit: int,
         start: datetime,
         end: datetime,
-    ) -> int:
-        for _ in range(3):
-            allowed, used = await self._consume(keys=[key], args=[count, limit])
+    ) -> tuple[int, str]:
+        for _ in range(4):
+            key = self._counter_key(principal.user_id, start)
+            allowed, used = await self._consume(keys=[key], args=[count, limit, self._run_id])
             if allowed == 1:
-                return int(used)
+                return int(used), key
             if allowed == 0:
                 raise QuotaExceeded(QuotaState(limit, int(used), end), principal.tier)
+            if allowed == -2:
+                self._new_redis_run(used.decode() if isinstance(used, bytes) else str(used))
+                continue
             await self._rebuild(key, principal.user_id, start, end)
         raise aioredis.RedisError("quota counter vanished while rebuilding it")
+
+    def _new_redis_run(self, run_id: str) -> None:
+        if self._run_id:
+            log.warning("redis restarted: quota counters are rebuilt from the ledger")
+        self._run_id = run_id
 
     async def _rebuild(self, key: str, user_id: int, start: datetime, end: datetime) -> None:
         # Our own buffered records go in first, so the ledger holds all that this process served.
@@ -225,13 +241,9 @@ class QuotaService:
         if limit == UNLIMITED:
             return QuotaState(limit, 0, end)
         if self.link.usable():
-            key = self.link.key("quota", principal.user_id, start.strftime("%Y-%m"))
             try:
-                return QuotaState(
-                    limit,
-                    await self._consume_in_redis(key, principal, 0, limit, start, end),
-                    end,
-                )
+                used, _ = await self._consume_in_redis(principal, 0, limit, start, end)
+                return QuotaState(limit, used, end)
             except QuotaExceeded as exc:
                 return exc.state
             except (aioredis.RedisError, OSError) as exc:
@@ -262,6 +274,6 @@ class QuotaService:
     async def _forget_counters_of_fallback_users(self) -> None:
         users = set(self._served_without_redis)
         if users:
-            month = self.clock().strftime("%Y-%m")
-            await self.link.client.delete(*(self.link.key("quota", u, month) for u in users))
+            month = self.clock()
+            await self.link.client.delete(*(self._counter_key(u, month) for u in users))
         self._served_without_redis -= users

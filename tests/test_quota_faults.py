@@ -113,7 +113,8 @@ def test_release_after_a_redis_restart_gives_back_nothing(servers: Servers, tmp_
             assert counter is None or (int(counter) >= 0 and ttl > 0)
             served = await serve_until_refused(s)
             await s.usage.flush()
-            return served, ledger(database_url, s.principal.user_id), int(raw.get(key) or 0)
+            now_key = s.quota._counter_key(s.principal.user_id, datetime.now(UTC))
+            return served, ledger(database_url, s.principal.user_id), int(raw.get(now_key) or 0)
 
     try:
         served, total, counter = asyncio.run(scenario())
@@ -200,7 +201,8 @@ def test_a_negative_or_unexpiring_counter_is_rebuilt(servers: Servers) -> None:
                 s.quota.commit(await s.quota.reserve(s.principal, 1, 3))
             await s.usage.flush()
             raw = redis.Redis.from_url(servers.redis_url)
-            key = s.link.key("quota", s.principal.user_id, datetime.now(UTC).strftime("%Y-%m"))
+            await s.quota.status(s.principal)  # learns the Redis run
+            key = s.quota._counter_key(s.principal.user_id, datetime.now(UTC))
             seen = []
             for value in (-1, 2):
                 raw.set(key, value)  # no expiry
@@ -209,3 +211,36 @@ def test_a_negative_or_unexpiring_counter_is_rebuilt(servers: Servers) -> None:
             return seen
 
     assert asyncio.run(scenario()) == [9, 9]
+
+
+def test_counters_restored_from_a_snapshot_are_not_trusted(
+    servers: Servers, tmp_path: Path
+) -> None:
+    """Issue #16.3: snapshot at 5, usage 10, Redis killed (SIGKILL) and restarted from the RDB."""
+    redis_server = LocalRedis(tmp_path / "redis", persist=True)
+    database_url = servers.new_database()
+    apply_migrations(database_url)
+
+    async def scenario() -> tuple[int, int]:
+        async with stack(database_url, redis_server.start(), limit=10) as s:
+            raw = redis.Redis.from_url(redis_server.url)
+            for i in range(10):
+                s.quota.commit(await s.quota.reserve(s.principal, 1, 3))
+                if i == 4:
+                    raw.save()  # the snapshot holds the counter at 5
+            await s.usage.flush()
+            assert redis_server.process is not None
+            redis_server.process.kill()
+            redis_server.process.wait()
+            redis_server.start()
+            await reconnect(s.link)
+            served = await serve_until_refused(s)
+            await s.usage.flush()
+            return served, ledger(database_url, s.principal.user_id)
+
+    try:
+        served, total = asyncio.run(scenario())
+    finally:
+        redis_server.stop()
+    print(f"served after the restart from the snapshot: {served}, ledger {total}")
+    assert served == 0 and total == 10
