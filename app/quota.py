@@ -33,8 +33,9 @@ _LOCK_BASE = 1 << 40
 # KEYS[1]: the user's counter for the month in this Redis process. ARGV: count, limit, run_id.
 # Returns {-2, run_id} when Redis is not the process the caller named (it restarted: the caller
 # moves to that process's counters), {-1, 0} when the counter is missing (rebuild it first),
-# {0, used} when over quota, {1, used_after} when consumed. A negative counter or one without an expiry was not written by
-# a rebuild (e.g. a DECRBY that recreated a lost key): it is deleted and treated as missing.
+# {0, used} when over quota, {1, used_after} when consumed. A negative counter or one without
+# an expiry was not written by a rebuild (e.g. a DECRBY that recreated a lost key): it is
+# deleted and treated as missing.
 _CONSUME = """
 local run_id = string.match(redis.call('INFO', 'server'), 'run_id:(%x+)')
 if run_id ~= ARGV[3] then return {-2, run_id} end
