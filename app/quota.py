@@ -11,7 +11,10 @@ served meanwhile are dropped, so they are rebuilt from the ledger, which has eve
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import time
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -27,6 +30,12 @@ from app.usage import UsageRecorder
 log = logging.getLogger(__name__)
 
 UNLIMITED = -1
+# How often each process re-reads `quota_fallback`, and how long after a user's last fallback
+# decision every process keeps deciding that user in PostgreSQL.
+FALLBACK_POLL_SECONDS = 1.0
+FALLBACK_HOLD_SECONDS = 60
+# In-process fallback locks kept (one per user seen in fallback, oldest dropped).
+_MAX_USER_LOCKS = 10_000
 # Advisory lock keys for the PostgreSQL fallback: one per user, clear of the migration lock.
 _LOCK_BASE = 1 << 40
 
@@ -125,6 +134,10 @@ class QuotaService:
         self._release = link.client.register_script(_RELEASE)
         self._served_without_redis: set[int] = set()
         self._run_id = ""  # the Redis process our counters live in (INFO server run_id)
+        # Users recently decided in PostgreSQL by any process (table quota_fallback).
+        self._pg_users: set[int] = set()
+        self._pg_users_read_at = float("-inf")
+        self._user_locks: OrderedDict[int, asyncio.Lock] = OrderedDict()
         link.on_recovery(self._forget_counters_of_fallback_users)
 
     def limit_of(self, tier: str) -> int:
@@ -137,7 +150,7 @@ class QuotaService:
         start, end = month_bounds(now)
         if limit == UNLIMITED:
             return Reservation(principal, count, tokens, QuotaState(limit, 0, end), now)
-        if self.link.usable():
+        if self.link.usable() and not await self._decided_in_postgres(principal.user_id, start):
             try:
                 used, key = await self._consume_in_redis(principal, count, limit, start, end)
             except (aioredis.RedisError, OSError) as exc:
@@ -146,6 +159,35 @@ class QuotaService:
                 state = QuotaState(limit, used, end)
                 return Reservation(principal, count, tokens, state, now, counter_key=key)
         return await self._reserve_in_postgres(principal, count, tokens, limit, now)
+
+    async def _decided_in_postgres(self, user_id: int, month: datetime) -> bool:
+        """Whether another process served this user from PostgreSQL lately: then this one
+        decides in PostgreSQL too, so Redis and PostgreSQL never both allow the rest."""
+        if time.monotonic() - self._pg_users_read_at >= FALLBACK_POLL_SECONDS:
+            async with self.pool.connection() as conn:
+                cursor = await conn.execute(
+                    "SELECT user_id FROM quota_fallback WHERE month = %s"
+                    " AND created_at > now() - make_interval(secs => %s)",
+                    (month.date(), FALLBACK_HOLD_SECONDS),
+                )
+                users = {row[0] for row in await cursor.fetchall()}
+            self._pg_users_read_at = time.monotonic()
+            changed = users ^ self._pg_users
+            self._pg_users = users
+            if changed:
+                # Their counters miss the rows written in PostgreSQL: rebuilt when next used.
+                await self.link.client.delete(*(self._counter_key(u, month) for u in changed))
+        return user_id in self._pg_users
+
+    def _user_lock(self, user_id: int) -> asyncio.Lock:
+        lock = self._user_locks.pop(user_id, None) or asyncio.Lock()
+        self._user_locks[user_id] = lock
+        while len(self._user_locks) > _MAX_USER_LOCKS:
+            oldest, old_lock = next(iter(self._user_locks.items()))
+            if old_lock.locked():
+                break
+            del self._user_locks[oldest]
+        return lock
 
     def _outage_or_busy(self, exc: BaseException) -> None:
         """A busy connection pool is not an outage: answer 503 rather than fall back, since a
@@ -215,10 +257,37 @@ class QuotaService:
         limit: int,
         now: datetime,
     ) -> Reservation:
-        start, end = month_bounds(now)
         self._served_without_redis.add(principal.user_id)
         if self.usage.buffered:
             await self.usage.flush()
+        # One request per user at a time takes a connection: the others wait here, not
+        # holding pool connections while blocked on the advisory lock.
+        async with self._user_lock(principal.user_id):
+            await self._mark_decided_in_postgres(principal.user_id, now)
+            return await self._decide_in_postgres(principal, count, tokens, limit, now)
+
+    async def _mark_decided_in_postgres(self, user_id: int, now: datetime) -> None:
+        """Record the user in `quota_fallback`; when that is news, wait until every process
+        has read it (poll interval) and flushed what it served from Redis (flush interval)."""
+        month = month_bounds(now)[0].date()
+        async with self.pool.connection() as conn:
+            cursor = await conn.execute(
+                "INSERT INTO quota_fallback AS f (user_id, month) VALUES (%s, %s)"
+                " ON CONFLICT (month, user_id) DO UPDATE SET"
+                " since = CASE WHEN f.created_at < now() - make_interval(secs => %s)"
+                " THEN now() ELSE f.since END, created_at = now()"
+                " RETURNING extract(epoch FROM now() - since)::float8",
+                (user_id, month, FALLBACK_HOLD_SECONDS),
+            )
+            (age,) = await cursor.fetchone()
+        settle = FALLBACK_POLL_SECONDS + self.usage.flush_interval + 0.5
+        if age < settle:
+            await asyncio.sleep(settle - age)
+
+    async def _decide_in_postgres(
+        self, principal: Principal, count: int, tokens: int, limit: int, now: datetime
+    ) -> Reservation:
+        start, end = month_bounds(now)
         async with self.pool.connection() as conn, conn.transaction():
             await conn.execute(
                 "SELECT pg_advisory_xact_lock(%s)", (_LOCK_BASE + principal.user_id,)

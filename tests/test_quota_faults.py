@@ -60,7 +60,8 @@ async def stack(database_url: str, redis_url: str, limit: int) -> AsyncIterator[
     usage = UsageRecorder(pool)
     quota = QuotaService(link, pool, usage, {"free": limit})
     try:
-        yield Stack(quota, usage, link, new_user(database_url, "u@example.com"), database_url)
+        email = f"u-{uuid.uuid4().hex[:8]}@example.com"
+        yield Stack(quota, usage, link, new_user(database_url, email), database_url)
     finally:
         await usage.flush()
         await link.stop()
@@ -244,3 +245,45 @@ def test_counters_restored_from_a_snapshot_are_not_trusted(
         redis_server.stop()
     print(f"served after the restart from the snapshot: {served}, ledger {total}")
     assert served == 0 and total == 10
+
+
+def test_processes_split_between_redis_and_postgres_stay_within_the_limit(
+    servers: Servers, tmp_path: Path
+) -> None:
+    """Issue #16.4: one process decided Redis is down (its Redis address is dead), the other
+    serves from Redis; both serve the same user at once."""
+    database_url = servers.new_database()
+    apply_migrations(database_url)
+    dead_redis = f"unix://{tmp_path / 'no-redis.sock'}"
+
+    async def scenario() -> tuple[int, int, int]:
+        prefix = f"split-{uuid.uuid4().hex[:6]}:"
+        async with (
+            stack(database_url, servers.redis_url, limit=10) as on_redis,
+            stack(database_url, dead_redis, limit=10) as on_postgres,
+        ):
+            on_redis.link.key_prefix = on_postgres.link.key_prefix = prefix
+            on_postgres.principal = on_redis.principal = new_user(database_url, "split@x.org")
+            for s in (on_redis, on_postgres):
+                s.usage.start()
+
+            async def serve(s: Stack) -> int:
+                served = 0
+                for _ in range(30):
+                    try:
+                        s.quota.commit(await s.quota.reserve(s.principal, 1, 3))
+                        served += 1
+                    except QuotaExceeded:
+                        pass
+                    await asyncio.sleep(0.1)
+                return served
+
+            a, b = await asyncio.gather(serve(on_redis), serve(on_postgres))
+            for s in (on_redis, on_postgres):
+                await s.usage.stop()
+            assert not on_postgres.link.usable() and on_redis.link.usable()
+            return a, b, ledger(database_url, on_redis.principal.user_id)
+
+    served_redis, served_postgres, total = asyncio.run(scenario())
+    print(f"served: {served_redis} via Redis + {served_postgres} via PostgreSQL, ledger {total}")
+    assert served_redis + served_postgres == total <= 10
