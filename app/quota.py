@@ -19,8 +19,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
+import psycopg
 import redis.asyncio as aioredis
-from psycopg_pool import AsyncConnectionPool
+from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from app.auth import Principal
 from app.errors import Overloaded
@@ -164,14 +165,19 @@ class QuotaService:
         """Whether another process served this user from PostgreSQL lately: then this one
         decides in PostgreSQL too, so Redis and PostgreSQL never both allow the rest."""
         if time.monotonic() - self._pg_users_read_at >= FALLBACK_POLL_SECONDS:
-            async with self.pool.connection() as conn:
-                cursor = await conn.execute(
-                    "SELECT user_id FROM quota_fallback WHERE month = %s"
-                    " AND created_at > now() - make_interval(secs => %s)",
-                    (month.date(), FALLBACK_HOLD_SECONDS),
-                )
-                users = {row[0] for row in await cursor.fetchall()}
+            # One read at a time; the others use the last answer meanwhile.
             self._pg_users_read_at = time.monotonic()
+            try:
+                async with self.pool.connection(timeout=FALLBACK_POLL_SECONDS) as conn:
+                    cursor = await conn.execute(
+                        "SELECT user_id FROM quota_fallback WHERE month = %s"
+                        " AND created_at > now() - make_interval(secs => %s)",
+                        (month.date(), FALLBACK_HOLD_SECONDS),
+                    )
+                    users = {row[0] for row in await cursor.fetchall()}
+            except (psycopg.Error, PoolTimeout):
+                # PostgreSQL down: nobody can decide there either, so the last answer holds.
+                return user_id in self._pg_users
             changed = users ^ self._pg_users
             self._pg_users = users
             if changed:

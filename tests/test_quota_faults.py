@@ -287,3 +287,19 @@ def test_processes_split_between_redis_and_postgres_stay_within_the_limit(
     served_redis, served_postgres, total = asyncio.run(scenario())
     print(f"served: {served_redis} via Redis + {served_postgres} via PostgreSQL, ledger {total}")
     assert served_redis + served_postgres == total <= 10
+
+
+def test_pool_connections_carry_statement_and_lock_timeouts(servers: Servers) -> None:
+    """Issue #16.7: no query or lock wait holds a pool connection indefinitely."""
+
+    async def scenario() -> tuple[str, str]:
+        pool = await open_pool(servers.new_database(), max_size=1)
+        try:
+            async with pool.connection() as conn:
+                statement = await (await conn.execute("SHOW statement_timeout")).fetchone()
+                lock = await (await conn.execute("SHOW lock_timeout")).fetchone()
+                return statement[0], lock[0]
+        finally:
+            await pool.close()
+
+    assert asyncio.run(scenario()) == ("10s", "5s")
