@@ -2,11 +2,19 @@
 
 Normal path: a Lua script in Redis compares and increments the user's counter for the calendar
 month (UTC) in one step, so any number of processes sharing Redis never overshoot. A missing
-counter (Redis restarted without persistence, evicted, flushed) is rebuilt from the PostgreSQL
-ledger before the decision. When Redis is unreachable, decisions fall back to PostgreSQL: under a
-per-user advisory lock the month's ledger is summed and the usage row written in the same
-transaction, which is exact across processes (and slower). On recovery the counters of users
-served meanwhile are dropped, so they are rebuilt from the ledger, which has everything.
+counter (Redis restarted without persistence, evicted, flushed), a negative one or one without
+an expiry is rebuilt from the PostgreSQL ledger before the decision; `release()` gives back
+only to a counter that exists. Counter keys carry Redis's `run_id`, which the script checks:
+after a restart that restored old counters from a snapshot, everyone moves to fresh keys.
+
+When Redis is unreachable (not merely busy: a full connection pool is a 503), decisions fall
+back to PostgreSQL: under a per-user advisory lock the month's ledger is summed and the usage
+row written in the same transaction, exact across processes. The user is recorded in
+`quota_fallback`; every process reads that table at most once a second and decides those
+users in PostgreSQL as well (for FALLBACK_HOLD_SECONDS after their last fallback decision),
+and the fallback waits once, when the record is new, until all processes have read it and
+flushed their ledger buffers. So processes that disagree about Redis never both allow the same
+remainder. On recovery the counters of users served meanwhile are dropped and rebuilt.
 """
 
 from __future__ import annotations
