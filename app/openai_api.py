@@ -21,6 +21,7 @@ from app.routes import (
     authenticate,
     json_body,
     quota_headers_on_error,
+    refuse_known_over_quota,
     serve,
     services_of,
     tokenize,
@@ -34,6 +35,7 @@ _STARTED = int(time.time())
 async def embeddings(request: Request) -> Response:
     services = services_of(request)
     principal = await authenticate(services, request)
+    refuse_known_over_quota(services, principal)
     async with quota_headers_on_error(services, principal):
         payload = await json_body(request, services)
         texts, encoding_format, dimensions = parse_request(payload, services)

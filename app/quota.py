@@ -43,6 +43,9 @@ UNLIMITED = -1
 # decision every process keeps deciding that user in PostgreSQL.
 FALLBACK_POLL_SECONDS = 1.0
 FALLBACK_HOLD_SECONDS = 60
+# A user seen out of quota is refused for this long without a Redis round trip, and before
+# the request body is read or tokenized; keyed on the limit, so a raised tier is never refused.
+EXHAUSTED_MEMORY_SECONDS = 5.0
 # In-process fallback locks kept (one per user seen in fallback, oldest dropped).
 _MAX_USER_LOCKS = 10_000
 # Advisory lock keys for the PostgreSQL fallback: one per user, clear of the migration lock.
@@ -147,13 +150,48 @@ class QuotaService:
         self._pg_users: set[int] = set()
         self._pg_users_read_at = float("-inf")
         self._user_locks: OrderedDict[int, asyncio.Lock] = OrderedDict()
+        # user_id -> (limit, monotonic expiry, month end) of the last decision that found the
+        # month used up.
+        self._exhausted: OrderedDict[int, tuple[int, float, datetime]] = OrderedDict()
         link.on_recovery(self._forget_counters_of_fallback_users)
 
     def limit_of(self, tier: str) -> int:
         return self.limits.get(tier, 0)
 
+    def refuse_if_known_exhausted(self, principal: Principal) -> None:
+        """Raise QuotaExceeded when a decision of the last few seconds found this user's month
+        used up at today's limit: the cheap check before any work on the request."""
+        known = self._exhausted.get(principal.user_id)
+        if known is None:
+            return
+        limit, expires, end = known
+        if limit != self.limit_of(principal.tier) or time.monotonic() >= expires:
+            del self._exhausted[principal.user_id]
+            return
+        if self.clock() >= end:  # a new month began
+            del self._exhausted[principal.user_id]
+            return
+        raise QuotaExceeded(QuotaState(limit, limit, end), principal.tier)
+
+    def _remember(self, principal: Principal, exc: QuotaExceeded) -> None:
+        state = exc.state
+        if state.used < state.limit:  # only a batch too big for what is left: not exhausted
+            return
+        expires = time.monotonic() + EXHAUSTED_MEMORY_SECONDS
+        self._exhausted.pop(principal.user_id, None)
+        self._exhausted[principal.user_id] = (state.limit, expires, state.reset_at)
+        while len(self._exhausted) > _MAX_USER_LOCKS:
+            self._exhausted.popitem(last=False)
+
     async def reserve(self, principal: Principal, count: int, tokens: int) -> Reservation:
         """Consume `count` embeddings of the user's month, or raise QuotaExceeded."""
+        try:
+            return await self._reserve(principal, count, tokens)
+        except QuotaExceeded as exc:
+            self._remember(principal, exc)
+            raise
+
+    async def _reserve(self, principal: Principal, count: int, tokens: int) -> Reservation:
         limit = self.limit_of(principal.tier)
         now = self.clock()
         start, end = month_bounds(now)

@@ -75,6 +75,7 @@ async def embed(request: Request) -> Response:
     started = time.perf_counter()
     services = services_of(request)
     principal = await authenticate(services, request)
+    refuse_known_over_quota(services, principal)
     async with quota_headers_on_error(services, principal):
         payload = await json_body(request, services)
         text, normalize = parse_embed_request(payload)
@@ -135,21 +136,33 @@ async def tokenize(services: Services, texts: list[str]) -> list[list[int]]:
         ) from None
 
 
+def rate_limited(services: Services, exc: QuotaExceeded) -> RateLimitExceeded:
+    services.metrics.rate_limited.labels(exc.tier).inc()
+    state = exc.state
+    retry_after = max(1, int(state.reset_at.timestamp() - time.time()))
+    return RateLimitExceeded(
+        f"monthly quota of {state.limit} embeddings reached for the {exc.tier} tier",
+        headers={**state.headers(), "Retry-After": str(retry_after)},
+        limit=state.limit,
+        reset_at=state.reset_at.strftime("%Y-%m-%dT%H:%M:%SZ"),
+    )
+
+
+def refuse_known_over_quota(services: Services, principal: Principal) -> None:
+    """Before reading the body: a user just seen out of quota costs no parsing or tokenizing."""
+    try:
+        services.quota.refuse_if_known_exhausted(principal)
+    except QuotaExceeded as exc:
+        raise rate_limited(services, exc) from None
+
+
 async def serve(
     services: Services, principal: Principal, token_ids: Sequence[Sequence[int]], normalize: bool
 ) -> Served:
     try:
         return await services.pipeline.serve(principal, token_ids, normalize=normalize)
     except QuotaExceeded as exc:
-        services.metrics.rate_limited.labels(exc.tier).inc()
-        state = exc.state
-        retry_after = max(1, int(state.reset_at.timestamp() - time.time()))
-        raise RateLimitExceeded(
-            f"monthly quota of {state.limit} embeddings reached for the {exc.tier} tier",
-            headers={**state.headers(), "Retry-After": str(retry_after)},
-            limit=state.limit,
-            reset_at=state.reset_at.strftime("%Y-%m-%dT%H:%M:%SZ"),
-        ) from None
+        raise rate_limited(services, exc) from None
     except Overloaded as exc:
         raise OverloadedError(f"too much work is queued ({exc}); retry shortly") from None
     except _UNAVAILABLE:

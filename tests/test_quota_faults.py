@@ -12,6 +12,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import psycopg
+import pytest
 import redis
 import redis.asyncio as aioredis
 
@@ -23,6 +24,7 @@ from app.redis_link import RedisLink
 from app.storage import apply_migrations, open_pool
 from app.usage import UsageRecorder
 from tests.conftest import Servers
+from tests.helpers import ApiProcess, base_env, create_key
 
 
 @dataclass
@@ -303,3 +305,49 @@ def test_pool_connections_carry_statement_and_lock_timeouts(servers: Servers) ->
             await pool.close()
 
     assert asyncio.run(scenario()) == ("10s", "5s")
+
+
+def test_a_user_out_of_quota_is_refused_before_the_body_is_read(
+    servers: Servers, tmp_path: Path
+) -> None:
+    """Issue #16.10: once the month is used up, the next request is refused before its body
+    is parsed or tokenized: a malformed body gets the 429, not a 400 from the parser."""
+    env = base_env(
+        DATABASE_URL=servers.new_database(), REDIS_URL=servers.redis_url, FREE_TIER_LIMIT="2"
+    )
+    api = ApiProcess(env, tmp_path).start()
+    try:
+        api.wait_healthy()
+        key = create_key(env, tmp_path, "spent@example.com", "free")
+        with api.client(key) as client:
+            codes = [
+                client.post("/v1/embed", json={"text": f"t {i}"}).status_code for i in range(3)
+            ]
+            assert codes == [200, 200, 429]
+            for path in ("/v1/embed", "/v1/embeddings"):
+                bad = client.post(
+                    path, content=b"{not json", headers={"content-type": "application/json"}
+                )
+                print(path, bad.status_code, bad.text[:120])
+                assert bad.status_code == 429 and bad.headers["x-ratelimit-remaining"] == "0"
+    finally:
+        api.stop()
+
+
+def test_the_exhaustion_memory_never_refuses_a_raised_limit(servers: Servers) -> None:
+    database_url = servers.new_database()
+    apply_migrations(database_url)
+
+    async def scenario() -> None:
+        async with stack(database_url, servers.redis_url, limit=1) as s:
+            s.link.key_prefix = f"raise-{uuid.uuid4().hex[:6]}:"
+            s.quota.commit(await s.quota.reserve(s.principal, 1, 3))
+            with pytest.raises(QuotaExceeded):
+                await s.quota.reserve(s.principal, 1, 3)
+            with pytest.raises(QuotaExceeded):  # remembered
+                s.quota.refuse_if_known_exhausted(s.principal)
+            s.quota.limits["free"] = 5  # the tier's limit was raised
+            s.quota.refuse_if_known_exhausted(s.principal)
+            await s.quota.reserve(s.principal, 1, 3)
+
+    asyncio.run(scenario())
