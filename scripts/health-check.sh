@@ -43,6 +43,7 @@ health_status() { # the "status" of a /health answer, or "unreachable"
 }
 
 database_url=$(env_value DATABASE_URL)
+libpq_url "$database_url"
 redis_url=$(env_value REDIS_URL)
 api_port=$(env_value API_PORT 8000)
 
