@@ -4,6 +4,7 @@ import inspect
 import os
 import re
 import subprocess
+import time
 from pathlib import Path
 
 from app.config import Settings
@@ -63,3 +64,34 @@ def test_systemd_stop_timeout_covers_drain_and_ledger_flush() -> None:
     flush = inspect.signature(UsageRecorder.stop).parameters["timeout"].default
     print(f"TimeoutStopSec {stop.group(1)} s; drain {drain} s + flush {flush} s")
     assert int(stop.group(1)) >= drain + flush + 10  # margin for the rest of shutdown
+
+
+def _backup_age_line(tmp_path: Path, backups: Path) -> str:
+    env_file = tmp_path / ".env"
+    env_file.write_text("DATABASE_URL=postgresql://smally@127.0.0.1:1/smally\nAPI_PORT=1\n")
+    env = {
+        "PATH": os.environ["PATH"],
+        "SMALLY_ENV_FILE": str(env_file),
+        "SMALLY_BACKUP_DIR": str(backups),
+        "SMALLY_BACKUP_MAX_AGE_HOURS": "26",
+    }
+    run = subprocess.run(
+        ["bash", str(ROOT / "scripts/health-check.sh")], env=env, capture_output=True, text=True
+    )
+    lines = [line for line in run.stdout.splitlines() if "backup-age" in line]
+    assert len(lines) == 1, run.stdout
+    print(lines[0])
+    return lines[0]
+
+
+def test_health_check_fails_on_a_missing_or_stale_backup(tmp_path: Path) -> None:
+    backups = tmp_path / "backups"
+    backups.mkdir()
+    assert _backup_age_line(tmp_path, backups).startswith("FAIL")  # none at all
+    stale = backups / "smally-20260101T000000Z.sql.gz"
+    stale.write_bytes(b"")
+    old = time.time() - 30 * 3600
+    os.utime(stale, (old, old))
+    assert _backup_age_line(tmp_path, backups).startswith("FAIL")
+    (backups / "smally-20260102T000000Z.sql.gz").write_bytes(b"")  # written now
+    assert _backup_age_line(tmp_path, backups).startswith("PASS")
