@@ -28,6 +28,9 @@ from app.usage import UsageRecorder
 log = logging.getLogger(__name__)
 
 CHECK_TIMEOUT = 2.0
+# /health is unauthenticated: its dependency checks run at most once per this many seconds per
+# process, and concurrent callers share the one in flight.
+HEALTH_CHECK_TTL = 1.0
 
 
 @dataclass
@@ -43,6 +46,10 @@ class Services:
     metrics: Metrics
     pipeline: EmbeddingPipeline
     ready: bool = field(default=False)
+    database_checks: int = field(default=0, init=False)
+    _checks: tuple[float, asyncio.Future[tuple[bool, bool]]] | None = field(
+        default=None, init=False, repr=False
+    )
 
     @classmethod
     async def start(cls, settings: Settings, metrics: Metrics) -> Services:
@@ -123,7 +130,7 @@ class Services:
         log.info("stopped")
 
     async def health(self) -> tuple[int, dict[str, Any]]:
-        database, redis_ok = await asyncio.gather(self._check_database(), self.redis.ping())
+        database, redis_ok = await self._dependency_checks()
         # Until the probe has switched traffic back to Redis, we are still serving without it.
         redis_ok = redis_ok and self.redis.available
         checks = {
@@ -152,7 +159,19 @@ class Services:
         }
         return (503 if status == "unhealthy" else 200), body
 
+    async def _dependency_checks(self) -> tuple[bool, bool]:
+        now = asyncio.get_running_loop().time()
+        if self._checks is None or now - self._checks[0] >= HEALTH_CHECK_TTL:
+            self._checks = (now, asyncio.ensure_future(self._run_checks()))
+        # Shielded: a caller that goes away must not cancel the check the others wait on.
+        return await asyncio.shield(self._checks[1])
+
+    async def _run_checks(self) -> tuple[bool, bool]:
+        database, redis_ok = await asyncio.gather(self._check_database(), self.redis.ping())
+        return database, redis_ok
+
     async def _check_database(self) -> bool:
+        self.database_checks += 1
         try:
             async with self.pool.connection(timeout=CHECK_TIMEOUT) as conn:
                 await asyncio.wait_for(conn.execute("SELECT 1"), CHECK_TIMEOUT)
