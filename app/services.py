@@ -46,6 +46,8 @@ class Services:
     metrics: Metrics
     pipeline: EmbeddingPipeline
     ready: bool = field(default=False)
+    # The cache's own link when CACHE_REDIS_URL names another Redis; it fails independently.
+    cache_redis: RedisLink | None = field(default=None)
     database_checks: int = field(default=0, init=False)
     _checks: tuple[float, asyncio.Future[tuple[bool, bool]]] | None = field(
         default=None, init=False, repr=False
@@ -84,8 +86,14 @@ class Services:
             on_run=lambda rows, seconds: metrics.inference_latency.observe(seconds),
         )
         quota = QuotaService(redis, pool, usage, settings.tier_limits)
+        cache_url = settings.cache_redis_url
+        cache_redis = (
+            RedisLink(cache_url, key_prefix=settings.redis_key_prefix)
+            if cache_url and cache_url != settings.redis_url
+            else None
+        )
         cache = EmbeddingCache(
-            redis,
+            cache_redis or redis,
             model_sha256=manifest.onnx_sha256,
             dimension=manifest.dimension,
             l1_size=settings.l1_cache_size,
@@ -102,6 +110,7 @@ class Services:
             cache=cache,
             metrics=metrics,
             pipeline=EmbeddingPipeline(embeddings, cache, quota, metrics),
+            cache_redis=cache_redis,
         )
         info = build_info()
         metrics.build_info.labels(
@@ -110,6 +119,10 @@ class Services:
         if not await redis.ping():
             redis.failed(ConnectionError("no answer at start-up"))
         redis.start()
+        if cache_redis is not None:
+            if not await cache_redis.ping():
+                cache_redis.failed(ConnectionError("no answer at start-up"))
+            cache_redis.start()
         embeddings.start()
         services.auth.start()
         services.usage.start()
@@ -125,6 +138,8 @@ class Services:
         await self.usage.stop()
         await self.auth.stop()
         await self.redis.stop()
+        if self.cache_redis is not None:
+            await self.cache_redis.stop()
         await self.pool.close()
         await self.embeddings.stop()
         log.info("stopped")
