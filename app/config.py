@@ -56,6 +56,9 @@ def read_dotenv(path: Path) -> dict[str, str]:
 class Settings:
     database_url: str
     redis_url: str
+    # The L2 cache's Redis ("" = REDIS_URL's): apart, it can evict (allkeys-lru) while the
+    # quota counters' Redis never does (noeviction).
+    cache_redis_url: str = ""
     api_host: str = "0.0.0.0"
     api_port: int = 8000
     log_level: str = "info"
@@ -113,6 +116,7 @@ class Settings:
         return cls(
             database_url=reader.database_url("DATABASE_URL", required=True),
             redis_url=reader.redis_url("REDIS_URL", required=require_redis),
+            cache_redis_url=reader.redis_url("CACHE_REDIS_URL", required=False),
             api_host=reader.text("API_HOST", "0.0.0.0"),
             api_port=reader.integer("API_PORT", 8000, low=1, high=65535),
             log_level=reader.choice("LOG_LEVEL", "info", LOG_LEVELS),

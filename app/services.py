@@ -28,6 +28,9 @@ from app.usage import UsageRecorder
 log = logging.getLogger(__name__)
 
 CHECK_TIMEOUT = 2.0
+# /health is unauthenticated: its dependency checks run at most once per this many seconds per
+# process, and concurrent callers share the one in flight.
+HEALTH_CHECK_TTL = 1.0
 
 
 @dataclass
@@ -43,6 +46,12 @@ class Services:
     metrics: Metrics
     pipeline: EmbeddingPipeline
     ready: bool = field(default=False)
+    # The cache's own link when CACHE_REDIS_URL names another Redis; it fails independently.
+    cache_redis: RedisLink | None = field(default=None)
+    database_checks: int = field(default=0, init=False)
+    _checks: tuple[float, asyncio.Future[tuple[bool, bool]]] | None = field(
+        default=None, init=False, repr=False
+    )
 
     @classmethod
     async def start(cls, settings: Settings, metrics: Metrics) -> Services:
@@ -77,8 +86,14 @@ class Services:
             on_run=lambda rows, seconds: metrics.inference_latency.observe(seconds),
         )
         quota = QuotaService(redis, pool, usage, settings.tier_limits)
+        cache_url = settings.cache_redis_url
+        cache_redis = (
+            RedisLink(cache_url, key_prefix=settings.redis_key_prefix)
+            if cache_url and cache_url != settings.redis_url
+            else None
+        )
         cache = EmbeddingCache(
-            redis,
+            cache_redis or redis,
             model_sha256=manifest.onnx_sha256,
             dimension=manifest.dimension,
             l1_size=settings.l1_cache_size,
@@ -95,6 +110,7 @@ class Services:
             cache=cache,
             metrics=metrics,
             pipeline=EmbeddingPipeline(embeddings, cache, quota, metrics),
+            cache_redis=cache_redis,
         )
         info = build_info()
         metrics.build_info.labels(
@@ -103,6 +119,10 @@ class Services:
         if not await redis.ping():
             redis.failed(ConnectionError("no answer at start-up"))
         redis.start()
+        if cache_redis is not None:
+            if not await cache_redis.ping():
+                cache_redis.failed(ConnectionError("no answer at start-up"))
+            cache_redis.start()
         embeddings.start()
         services.auth.start()
         services.usage.start()
@@ -118,12 +138,14 @@ class Services:
         await self.usage.stop()
         await self.auth.stop()
         await self.redis.stop()
+        if self.cache_redis is not None:
+            await self.cache_redis.stop()
         await self.pool.close()
         await self.embeddings.stop()
         log.info("stopped")
 
     async def health(self) -> tuple[int, dict[str, Any]]:
-        database, redis_ok = await asyncio.gather(self._check_database(), self.redis.ping())
+        database, redis_ok = await self._dependency_checks()
         # Until the probe has switched traffic back to Redis, we are still serving without it.
         redis_ok = redis_ok and self.redis.available
         checks = {
@@ -152,7 +174,19 @@ class Services:
         }
         return (503 if status == "unhealthy" else 200), body
 
+    async def _dependency_checks(self) -> tuple[bool, bool]:
+        now = asyncio.get_running_loop().time()
+        if self._checks is None or now - self._checks[0] >= HEALTH_CHECK_TTL:
+            self._checks = (now, asyncio.ensure_future(self._run_checks()))
+        # Shielded: a caller that goes away must not cancel the check the others wait on.
+        return await asyncio.shield(self._checks[1])
+
+    async def _run_checks(self) -> tuple[bool, bool]:
+        database, redis_ok = await asyncio.gather(self._check_database(), self.redis.ping())
+        return database, redis_ok
+
     async def _check_database(self) -> bool:
+        self.database_checks += 1
         try:
             async with self.pool.connection(timeout=CHECK_TIMEOUT) as conn:
                 await asyncio.wait_for(conn.execute("SELECT 1"), CHECK_TIMEOUT)

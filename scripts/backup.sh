@@ -12,6 +12,7 @@ set -euo pipefail
 
 keep=${SMALLY_BACKUP_KEEP:-30}
 database_url=$(env_value DATABASE_URL)
+libpq_url "$database_url"
 [ -n "$database_url" ] || die "DATABASE_URL is not set in $SMALLY_ENV_FILE"
 command -v pg_dump >/dev/null || die "pg_dump is missing (apt-get install postgresql-client)"
 [ -d "$SMALLY_BACKUP_DIR" ] || die "no backup directory $SMALLY_BACKUP_DIR"

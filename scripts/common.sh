@@ -34,3 +34,31 @@ env_value() {
     esac
     printf '%s\n' "$value"
 }
+
+# libpq_url URL: set database_url to URL without its password and export that password as PGPASSWORD, so the
+# password never reaches a pg_dump/psql/pg_isready command line (/proc/PID/cmdline is readable by
+# every local user; a process's environment only by its owner and root).
+libpq_url() {
+    local url=$1 scheme rest userinfo hostpart password
+    case "$url" in
+    *://*@*) ;;
+    *)
+        database_url=$url
+        return 0
+        ;;
+    esac
+    scheme=${url%%://*}
+    rest=${url#*://}
+    userinfo=${rest%%@*}
+    hostpart=${rest#*@}
+    case "$userinfo" in
+    *:*)
+        password=${userinfo#*:}
+        # Percent-decode (URL syntax) for libpq's plain PGPASSWORD.
+        PGPASSWORD=$(printf '%b' "${password//%/\\x}")
+        export PGPASSWORD
+        userinfo=${userinfo%%:*}
+        ;;
+    esac
+    database_url="$scheme://$userinfo@$hostpart"
+}

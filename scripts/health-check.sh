@@ -6,7 +6,8 @@
 #
 # --wait retries (quietly) until every check passes or SECONDS have passed, then reports once:
 # `make restart` uses it to wait for the service to be back.
-# SMALLY_DISK_MAX_PERCENT (default 90) and SMALLY_MEMORY_MIN_PERCENT (default 10) set the limits.
+# SMALLY_DISK_MAX_PERCENT (default 90), SMALLY_MEMORY_MIN_PERCENT (default 10) and
+# SMALLY_BACKUP_MAX_AGE_HOURS (default 26: a daily timer plus slack; 0 turns the check off) set the limits.
 set -uo pipefail
 # shellcheck source=common.sh
 . "$(dirname "${BASH_SOURCE[0]}")/common.sh"
@@ -21,6 +22,7 @@ fi
 
 disk_max=${SMALLY_DISK_MAX_PERCENT:-90}
 memory_min=${SMALLY_MEMORY_MIN_PERCENT:-10}
+backup_max_age=${SMALLY_BACKUP_MAX_AGE_HOURS:-26}
 failed=0
 
 report() { # report pass|fail NAME DETAIL
@@ -43,6 +45,7 @@ health_status() { # the "status" of a /health answer, or "unreachable"
 }
 
 database_url=$(env_value DATABASE_URL)
+libpq_url "$database_url"
 redis_url=$(env_value REDIS_URL)
 api_port=$(env_value API_PORT 8000)
 
@@ -65,6 +68,18 @@ pong=$(redis-cli -u "$redis_url" ping 2>/dev/null)
 [ "$pong" == PONG ] && report pass redis "redis-cli ping: PONG" ||
     report fail redis "redis-cli ping: ${pong:-no answer}"
 check backups "smally-backup.timer is active" systemctl is-active --quiet smally-backup.timer
+if [ "$backup_max_age" -gt 0 ]; then
+    # An active timer says nothing about whether its runs succeed: look at the newest file.
+    newest=$(find "$SMALLY_BACKUP_DIR" -maxdepth 1 -name 'smally-*.sql.gz' -printf '%T@ %p\n' 2>/dev/null |
+        sort -rn | head -n 1)
+    if [ -z "$newest" ]; then
+        report fail backup-age "no backup in $SMALLY_BACKUP_DIR"
+    else
+        age=$(((${EPOCHSECONDS:-$(date +%s)} - ${newest%%.*}) / 3600))
+        [ "$age" -lt "$backup_max_age" ] && report pass backup-age "newest ${newest#* } is ${age} h old" ||
+            report fail backup-age "newest ${newest#* } is ${age} h old (limit ${backup_max_age} h)"
+    fi
+fi
 
 seen=" "
 for path in / "$SMALLY_APP_DIR" "$SMALLY_BACKUP_DIR" /var/lib/postgresql /tmp; do

@@ -28,6 +28,7 @@ done
 gzip -t "$backup" || die "$backup is not a valid gzip file"
 
 database_url=$(env_value DATABASE_URL)
+libpq_url "$database_url"
 redis_url=$(env_value REDIS_URL)
 redis_prefix=$(env_value REDIS_KEY_PREFIX "smally:")
 api_port=$(env_value API_PORT 8000)

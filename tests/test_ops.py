@@ -1,0 +1,97 @@
+"""Operations files: scripts keep the database password off command lines; timeouts line up."""
+
+import inspect
+import os
+import re
+import subprocess
+import time
+from pathlib import Path
+
+from app.config import Settings
+from app.usage import UsageRecorder
+
+ROOT = Path(__file__).resolve().parent.parent
+PASSWORD = "s3cret:p@ss"  # a throwaway value the test looks for
+
+
+def test_backup_keeps_password_off_the_command_line(tmp_path: Path) -> None:
+    # A pg_dump on PATH that records its argv and the password libpq would get from the env.
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    record = tmp_path / "record"
+    fake = bin_dir / "pg_dump"
+    fake.write_text(
+        '#!/usr/bin/env bash\nprintf "argv=%s\\n" "$*" >"$RECORD"\n'
+        'printf "env=%s\\n" "${PGPASSWORD-}" >>"$RECORD"\necho "SELECT 1;"\n'
+    )
+    fake.chmod(0o755)
+    backups = tmp_path / "backups"
+    backups.mkdir()
+    env_file = tmp_path / ".env"
+    env_file.write_text("DATABASE_URL=postgresql://smally:s3cret%3Ap%40ss@127.0.0.1:5432/smally\n")
+    env = {
+        "PATH": f"{bin_dir}:{os.environ['PATH']}",
+        "RECORD": str(record),
+        "SMALLY_ENV_FILE": str(env_file),
+        "SMALLY_BACKUP_DIR": str(backups),
+    }
+    backup = ROOT / "scripts/backup.sh"
+    subprocess.run(["bash", str(backup)], env=env, check=True, capture_output=True)
+    lines = record.read_text().splitlines()
+    print(lines[0])
+    assert PASSWORD not in lines[0] and "s3cret" not in lines[0]
+    assert "postgresql://smally@127.0.0.1:5432/smally" in lines[0]
+    assert lines[1] == f"env={PASSWORD}"  # decoded for libpq
+
+
+def test_nginx_drops_idle_upstream_connections_before_hypercorn() -> None:
+    conf = (ROOT / "nginx/smally.conf").read_text()
+    upstream = re.search(r"upstream smally_api \{(.*?)\n\}", conf, re.S)
+    assert upstream
+    nginx = re.search(r"keepalive_timeout\s+(\d+)s;", upstream.group(1))
+    serve = (ROOT / "app/serve.py").read_text()
+    hypercorn = re.search(r"config\.keep_alive_timeout = (\d+)", serve)
+    assert nginx and hypercorn
+    print(f"nginx upstream keepalive_timeout {nginx.group(1)} s, hypercorn {hypercorn.group(1)} s")
+    assert int(nginx.group(1)) < int(hypercorn.group(1))
+
+
+def test_systemd_stop_timeout_covers_drain_and_ledger_flush() -> None:
+    unit = (ROOT / "systemd/smally.service").read_text()
+    stop = re.search(r"^TimeoutStopSec=(\d+)$", unit, re.M)
+    assert stop
+    drain = Settings.__dataclass_fields__["shutdown_timeout"].default
+    flush = inspect.signature(UsageRecorder.stop).parameters["timeout"].default
+    print(f"TimeoutStopSec {stop.group(1)} s; drain {drain} s + flush {flush} s")
+    assert int(stop.group(1)) >= drain + flush + 10  # margin for the rest of shutdown
+
+
+def _backup_age_line(tmp_path: Path, backups: Path) -> str:
+    env_file = tmp_path / ".env"
+    env_file.write_text("DATABASE_URL=postgresql://smally@127.0.0.1:1/smally\nAPI_PORT=1\n")
+    env = {
+        "PATH": os.environ["PATH"],
+        "SMALLY_ENV_FILE": str(env_file),
+        "SMALLY_BACKUP_DIR": str(backups),
+        "SMALLY_BACKUP_MAX_AGE_HOURS": "26",
+    }
+    run = subprocess.run(
+        ["bash", str(ROOT / "scripts/health-check.sh")], env=env, capture_output=True, text=True
+    )
+    lines = [line for line in run.stdout.splitlines() if "backup-age" in line]
+    assert len(lines) == 1, run.stdout
+    print(lines[0])
+    return lines[0]
+
+
+def test_health_check_fails_on_a_missing_or_stale_backup(tmp_path: Path) -> None:
+    backups = tmp_path / "backups"
+    backups.mkdir()
+    assert _backup_age_line(tmp_path, backups).startswith("FAIL")  # none at all
+    stale = backups / "smally-20260101T000000Z.sql.gz"
+    stale.write_bytes(b"")
+    old = time.time() - 30 * 3600
+    os.utime(stale, (old, old))
+    assert _backup_age_line(tmp_path, backups).startswith("FAIL")
+    (backups / "smally-20260102T000000Z.sql.gz").write_bytes(b"")  # written now
+    assert _backup_age_line(tmp_path, backups).startswith("PASS")
