@@ -72,10 +72,17 @@ if [ "$backup_max_age" -gt 0 ]; then
     # An active timer says nothing about whether its runs succeed: look at the newest file.
     newest=$(find "$SMALLY_BACKUP_DIR" -maxdepth 1 -name 'smally-*.sql.gz' -printf '%T@ %p\n' 2>/dev/null |
         sort -rn | head -n 1)
+    now=${EPOCHSECONDS:-$(date +%s)}
     if [ -z "$newest" ]; then
-        report fail backup-age "no backup in $SMALLY_BACKUP_DIR"
+        # A fresh install has had no nightly run yet: only a backup directory older than the
+        # limit without a single backup in it is a failure.
+        since=$(stat -c %Y "$SMALLY_BACKUP_DIR" 2>/dev/null || echo 0)
+        dir_age=$(((now - since) / 3600))
+        [ "$dir_age" -lt "$backup_max_age" ] &&
+            report pass backup-age "no backup yet in $SMALLY_BACKUP_DIR (created ${dir_age} h ago)" ||
+            report fail backup-age "no backup in $SMALLY_BACKUP_DIR"
     else
-        age=$(((${EPOCHSECONDS:-$(date +%s)} - ${newest%%.*}) / 3600))
+        age=$(((now - ${newest%%.*}) / 3600))
         [ "$age" -lt "$backup_max_age" ] && report pass backup-age "newest ${newest#* } is ${age} h old" ||
             report fail backup-age "newest ${newest#* } is ${age} h old (limit ${backup_max_age} h)"
     fi

@@ -87,10 +87,13 @@ def _backup_age_line(tmp_path: Path, backups: Path) -> str:
 def test_health_check_fails_on_a_missing_or_stale_backup(tmp_path: Path) -> None:
     backups = tmp_path / "backups"
     backups.mkdir()
-    assert _backup_age_line(tmp_path, backups).startswith("FAIL")  # none at all
+    # None yet on a fresh install: not a failure until the directory is older than the limit.
+    assert _backup_age_line(tmp_path, backups).startswith("PASS")
+    old = time.time() - 30 * 3600
+    os.utime(backups, (old, old))
+    assert _backup_age_line(tmp_path, backups).startswith("FAIL")  # none in 30 h
     stale = backups / "smally-20260101T000000Z.sql.gz"
     stale.write_bytes(b"")
-    old = time.time() - 30 * 3600
     os.utime(stale, (old, old))
     assert _backup_age_line(tmp_path, backups).startswith("FAIL")
     (backups / "smally-20260102T000000Z.sql.gz").write_bytes(b"")  # written now
