@@ -61,7 +61,9 @@ class EmbeddingCache:
         return CacheHit(vector, "l2")
 
     async def put(self, key: bytes, vector: np.ndarray) -> None:
-        vector = np.ascontiguousarray(vector, dtype="<f4")
+        # A copy, never a view: a row of a batch would keep the whole batch (up to 2,048 x 384
+        # floats, 3 MB) alive for as long as the entry lives, unbounding L1_CACHE_SIZE's memory.
+        vector = np.array(vector, dtype="<f4", copy=True)
         vector.setflags(write=False)
         self._remember(key, vector)
         if self.l2_ttl <= 0 or not self.link.usable():
