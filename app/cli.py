@@ -12,6 +12,7 @@ from typing import Any, NoReturn, TypeVar
 
 import click
 import psycopg
+from yoyo.exceptions import LockTimeout
 
 from app.billing import KeyUsage, monthly_usage, parse_month
 from app.buildinfo import version_line
@@ -40,6 +41,8 @@ def migrate_or_exit(database_url: str) -> list[str]:
         return apply_migrations(database_url)
     except psycopg.OperationalError as exc:
         _fail(f"cannot reach PostgreSQL (DATABASE_URL): {_first_line(exc)}")
+    except LockTimeout as exc:
+        _fail(f"database migrations are locked by another process: {_first_line(exc)}")
 
 
 def in_database(settings: Settings, action: Callable[[psycopg.Connection], T]) -> T:

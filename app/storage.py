@@ -63,6 +63,12 @@ def apply_migrations(database_url: str) -> list[str]:
     try:
         backend.execute(f"SELECT pg_advisory_lock({_MIGRATION_LOCK_ID})")
         try:
+            # Holding the advisory lock proves no other process is migrating, so a row in
+            # yoyo's lock table can only be left by a process killed mid-migration: without
+            # this, every later start would wait 10 s and fail on it (LockTimeout), forever.
+            stale = backend.execute(f"DELETE FROM {backend.lock_table_quoted} RETURNING pid")
+            for (pid,) in stale.fetchall():
+                log.warning("cleared a stale migration lock", extra={"pid": pid})
             with backend.lock():
                 pending = backend.to_apply(migrations)
                 backend.apply_migrations(pending)
