@@ -1,4 +1,4 @@
-"""A process killed while migrating leaves yoyo's lock row behind; later starts must not jam on it."""
+"""A process killed mid-migration leaves yoyo's lock row behind; later starts must not jam."""
 
 from __future__ import annotations
 
