@@ -349,7 +349,8 @@ class QuotaService:
                 raise QuotaExceeded(QuotaState(limit, used, end), principal.tier)
             cursor = await conn.execute(
                 "INSERT INTO usage (user_id, api_key_id, embeddings_count, tokens, created_at)"
-                " VALUES (%s, %s, %s, %s, %s) RETURNING id",
+                # A key deleted meanwhile is still billed to its user (api_key_id NULL).
+                " VALUES (%s, (SELECT id FROM api_keys WHERE id = %s), %s, %s, %s) RETURNING id",
                 (principal.user_id, principal.key_id, count, tokens, now),
             )
             (row_id,) = await cursor.fetchone()

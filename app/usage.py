@@ -20,7 +20,28 @@ from psycopg_pool import AsyncConnectionPool
 
 log = logging.getLogger(__name__)
 
-_COPY_USAGE = "COPY usage (user_id, api_key_id, embeddings_count, tokens, created_at) FROM STDIN"
+# Records go through a staging table, so one record that cannot join (its key or user deleted
+# since it was served) never fails the COPY of everyone else's: a deleted key's usage is still
+# billed to its user (api_key_id NULL, as ON DELETE SET NULL does for older rows), and only a
+# record whose user no longer exists is set aside, counted and logged.
+_STAGE = (
+    "CREATE TEMP TABLE usage_incoming (user_id BIGINT, api_key_id BIGINT,"
+    " embeddings_count INTEGER, tokens INTEGER, created_at TIMESTAMPTZ) ON COMMIT DROP"
+)
+_COPY_STAGE = (
+    "COPY usage_incoming (user_id, api_key_id, embeddings_count, tokens, created_at) FROM STDIN"
+)
+_INSERT_STAGED = """
+INSERT INTO usage (user_id, api_key_id, embeddings_count, tokens, created_at)
+SELECT i.user_id, k.id, i.embeddings_count, i.tokens, i.created_at
+FROM usage_incoming i
+JOIN users u ON u.id = i.user_id
+LEFT JOIN api_keys k ON k.id = i.api_key_id AND k.user_id = i.user_id
+"""
+_USERS_GONE = (
+    "SELECT DISTINCT i.user_id FROM usage_incoming i"
+    " WHERE NOT EXISTS (SELECT 1 FROM users u WHERE u.id = i.user_id) ORDER BY 1"
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,9 +123,12 @@ class UsageRecorder:
             if await self.flush():
                 continue
             if asyncio.get_running_loop().time() > deadline:
-                log.error(
-                    "usage records not written at shutdown", extra={"records": len(self._buffer)}
-                )
+                lost = len(self._buffer)
+                self._buffer.clear()
+                self.dropped += lost
+                self._on_dropped(lost)
+                self._on_buffer_change(0)
+                log.error("usage records not written at shutdown", extra={"records": lost})
                 return
             await asyncio.sleep(0.2)
 
@@ -125,15 +149,24 @@ class UsageRecorder:
                 return True
             batch, self._buffer = self._buffer, deque()
             try:
-                async with (
-                    self.pool.connection() as conn,
-                    conn.transaction(),
-                    conn.cursor().copy(_COPY_USAGE) as copy,
-                ):
-                    for r in batch:
-                        await copy.write_row(
-                            (r.user_id, r.api_key_id, r.embeddings_count, r.tokens, r.created_at)
-                        )
+                async with self.pool.connection() as conn, conn.transaction():
+                    await conn.execute(_STAGE)
+                    async with conn.cursor().copy(_COPY_STAGE) as copy:
+                        for r in batch:
+                            await copy.write_row(
+                                (
+                                    r.user_id,
+                                    r.api_key_id,
+                                    r.embeddings_count,
+                                    r.tokens,
+                                    r.created_at,
+                                )
+                            )
+                    written = (await conn.execute(_INSERT_STAGED)).rowcount
+                    gone: list[int] = []
+                    if written < len(batch):
+                        cursor = await conn.execute(_USERS_GONE)
+                        gone = [user_id for (user_id,) in await cursor.fetchall()]
             except BaseException as exc:
                 # Not written (the transaction rolled back): back into the buffer, older
                 # records first, then what arrived meanwhile. Even on cancellation.
@@ -150,4 +183,14 @@ class UsageRecorder:
                 return False
             finally:
                 self._on_buffer_change(len(self._buffer))
+            if written < len(batch):
+                self._set_aside(len(batch) - written, gone)
             return True
+
+    def _set_aside(self, count: int, user_ids: list[int]) -> None:
+        self.dropped += count
+        self._on_dropped(count)
+        log.error(
+            "usage records of deleted users set aside",
+            extra={"records": count, "user_ids": user_ids[:20]},
+        )
