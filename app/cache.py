@@ -4,6 +4,9 @@ The key is a hash of everything that changes the answer: the model file's sha256
 flag, and the token ids (not the text: texts that tokenize identically for this uncased model
 share an entry, texts that differ never collide). A swapped model has another sha256, so it can
 never be served a vector of the old one. L2 values are raw little-endian float32 bytes.
+With CACHE_SCOPE=user (the default) the key also holds the customer's user id: a hit then only
+ever comes from that customer's own earlier request, so neither `"cached": true` nor a fast
+answer tells one customer what another has embedded.
 """
 
 from __future__ import annotations
@@ -27,18 +30,28 @@ class CacheHit:
 
 class EmbeddingCache:
     def __init__(
-        self, link: RedisLink, *, model_sha256: str, dimension: int, l1_size: int, l2_ttl: int
+        self,
+        link: RedisLink,
+        *,
+        model_sha256: str,
+        dimension: int,
+        l1_size: int,
+        l2_ttl: int,
+        per_user: bool = True,
     ) -> None:
         self.link = link
         self.model_sha256 = bytes.fromhex(model_sha256)
         self.dimension = dimension
         self.l1_size = l1_size
         self.l2_ttl = l2_ttl
+        self.per_user = per_user
         self._l1: OrderedDict[bytes, np.ndarray] = OrderedDict()
 
-    def key(self, token_ids: Sequence[int], normalize: bool) -> bytes:
+    def key(self, token_ids: Sequence[int], normalize: bool, user_id: int) -> bytes:
         digest = hashlib.blake2b(self.model_sha256, digest_size=20)
         digest.update(b"\x01" if normalize else b"\x00")
+        if self.per_user:
+            digest.update(user_id.to_bytes(8, "little", signed=True))
         digest.update(np.asarray(token_ids, dtype="<i4").tobytes())
         return digest.digest()
 

@@ -17,6 +17,9 @@ from urllib.parse import urlsplit
 import psycopg.conninfo
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
+# "user": each customer has cache entries of its own, so a hit ("cached": true, or a fast answer)
+# never tells one customer what another embedded; "shared": one entry per text for everyone.
+CACHE_SCOPES = ("user", "shared")
 
 
 class ConfigError(Exception):
@@ -79,6 +82,7 @@ class Settings:
     scale_tier_limit: int = 2_000_000
     l1_cache_size: int = 10_000
     l2_cache_ttl: int = 86_400
+    cache_scope: str = "user"
     redis_key_prefix: str = "smally:"
     usage_buffer_max: int = 1_000_000
     ort_threads: int = 0
@@ -136,6 +140,7 @@ class Settings:
             scale_tier_limit=reader.integer("SCALE_TIER_LIMIT", 2_000_000, low=-1, high=10**12),
             l1_cache_size=reader.integer("L1_CACHE_SIZE", 10_000, low=0, high=10**7),
             l2_cache_ttl=reader.integer("L2_CACHE_TTL", 86_400, low=0, high=365 * 86_400),
+            cache_scope=reader.choice("CACHE_SCOPE", "user", CACHE_SCOPES),
             redis_key_prefix=reader.text("REDIS_KEY_PREFIX", "smally:"),
             usage_buffer_max=reader.integer("USAGE_BUFFER_MAX", 1_000_000, low=1000, high=10**8),
             ort_threads=reader.integer("ORT_THREADS", 0, low=0, high=256),

@@ -47,7 +47,7 @@ class EmbeddingPipeline:
         tokens = sum(len(row) for row in token_ids)
         reservation = await self.quota.reserve(principal, len(token_ids), tokens)
         try:
-            vectors, cached = await self._embed(token_ids, normalize)
+            vectors, cached = await self._embed(principal, token_ids, normalize)
         except BaseException:
             await self.quota.release(reservation)
             raise
@@ -57,9 +57,9 @@ class EmbeddingPipeline:
         return Served(vectors, cached, reservation.state)
 
     async def _embed(
-        self, token_ids: Sequence[Sequence[int]], normalize: bool
+        self, principal: Principal, token_ids: Sequence[Sequence[int]], normalize: bool
     ) -> tuple[list[np.ndarray], list[bool]]:
-        keys = [self.cache.key(row, normalize) for row in token_ids]
+        keys = [self.cache.key(row, normalize, principal.user_id) for row in token_ids]
         vectors: list[np.ndarray | None] = [None] * len(keys)
         for i, key in enumerate(keys):
             hit = await self.cache.get(key)

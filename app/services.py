@@ -98,6 +98,7 @@ class Services:
             dimension=manifest.dimension,
             l1_size=settings.l1_cache_size,
             l2_ttl=settings.l2_cache_ttl,
+            per_user=settings.cache_scope == "user",
         )
         services = cls(
             settings=settings,
