@@ -72,7 +72,9 @@ NORM_RTOL = 1e-4  # raw (un-normalised) norm vs reference
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CACHE = REPO_ROOT / ".cache" / "model-src"
-DEFAULT_REFERENCE = REPO_ROOT.parent / "shared" / "reference" / "all-MiniLM-L6-v2.public.json"
+# Reference cases computed with the original PyTorch model (sentence-transformers), kept in the
+# repository: a clone anywhere verifies its build against them.
+DEFAULT_REFERENCE = REPO_ROOT / "tests" / "data" / "all-MiniLM-L6-v2.reference.json"
 
 TINY_CONFIG: dict[str, Any] = {
     "hidden_size": 32,
@@ -486,11 +488,13 @@ def verify(
         if cos < MIN_COSINE:
             raise BuildError(f"ONNX graph disagrees with the numpy oracle: cosine {cos:.8f}")
 
+    if not cases:  # no reference file: the checks above are what can be verified
+        return
     pairs = zip(cases, seqs, strict=True)
     bad = [(c["text"], c["tokens"], len(s)) for c, s in pairs if c["tokens"] != len(s)]
     if bad:
         raise BuildError(f"token count mismatch (text, expected, got): {bad[:5]}")
-    if not cases or not compare_embeddings:
+    if not compare_embeddings:
         return
     ref_emb = _unit(np.array([c["embedding"] for c in cases]))
     cos = np.minimum((_unit(batched) * ref_emb).sum(1), (_unit(single) * ref_emb).sum(1))

@@ -24,7 +24,7 @@ from app.config import Settings
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 MODEL_PATH = REPO / "models" / "all-MiniLM-L6-v2"
-REFERENCE_PATH = REPO.parent / "shared" / "reference" / "all-MiniLM-L6-v2.public.json"
+REFERENCE_PATH = REPO / "tests" / "data" / "all-MiniLM-L6-v2.reference.json"
 
 # Variables of ours that must not leak from the developer's shell into a test's process: one per
 # setting (the field names are the variable names), and prometheus-client's.

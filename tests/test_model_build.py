@@ -53,3 +53,27 @@ def test_up_to_date_model_is_not_rebuilt() -> None:
     assert result.returncode == 0
     assert "up to date" in result.stdout + result.stderr
     assert (MODEL_PATH / "model.onnx").stat().st_mtime_ns == before
+
+
+def test_the_real_build_works_with_no_reference_file(tmp_path: Path) -> None:
+    """A checkout without the reference data (the script copied where its default path
+    resolves to nothing) still builds the real model and verifies what it can: it used to
+    crash zipping its fallback texts against an empty list of reference cases."""
+    script = tmp_path / "repo" / "build" / "make_model.py"
+    script.parent.mkdir(parents=True)
+    script.write_text((REPO / "build" / "make_model.py").read_text(encoding="utf-8"))
+    out = tmp_path / "model"
+    cache = REPO / ".cache" / "model-src"
+    run = subprocess.run(
+        [sys.executable, str(script), "--out", str(out), "--cache-dir", str(cache)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "no reference file" in run.stdout + run.stderr
+    assert "batched vs single" in run.stdout + run.stderr
+    embedder = Embedder(out, max_tokens=256, threads=1)
+    assert (
+        embedder.manifest.onnx_sha256 == Embedder(MODEL_PATH, max_tokens=256).manifest.onnx_sha256
+    )
