@@ -98,3 +98,20 @@ def test_health_check_fails_on_a_missing_or_stale_backup(tmp_path: Path) -> None
     assert _backup_age_line(tmp_path, backups).startswith("FAIL")
     (backups / "smally-20260102T000000Z.sql.gz").write_bytes(b"")  # written now
     assert _backup_age_line(tmp_path, backups).startswith("PASS")
+
+
+def test_unit_raises_the_open_files_limit() -> None:
+    unit = (ROOT / "systemd/smally.service").read_text()
+    assert re.search(r"^LimitNOFILE=65536$", unit, re.M)
+
+
+def test_config_comments_name_files_that_exist() -> None:
+    """Comments that send the operator to a repository file point at one that exists."""
+    named = re.compile(
+        r"(?<![\w/.-])((?:ansible|nginx|systemd|scripts)/[\w./-]+\.(?:yml|conf|service|sh|j2))"
+    )
+    for path in ("nginx/smally.conf", "ansible/inventory/hosts.example.yml", "ansible/site.yml"):
+        for name in named.findall((ROOT / path).read_text()):
+            # Files the operator makes from an example (their inventory, vault) are git-ignored.
+            ignored = subprocess.run(["git", "-C", str(ROOT), "check-ignore", "-q", name])
+            assert ignored.returncode == 0 or (ROOT / name).exists(), f"{path} names {name}"
