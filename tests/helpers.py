@@ -19,6 +19,7 @@ import httpx
 import numpy as np
 import psycopg
 
+from app.auth import Principal
 from app.config import Settings
 
 REPO = Path(__file__).resolve().parent.parent
@@ -188,3 +189,17 @@ def build_tiny_model(out: Path) -> Path:
         timeout=300,
     )
     return out
+
+
+def new_user(database_url: str, email: str) -> Principal:
+    """A user with one key, written straight into the database (for in-process tests)."""
+    with psycopg.connect(database_url) as conn:
+        (user_id,) = conn.execute(
+            "INSERT INTO users (email) VALUES (%s) RETURNING id", (email,)
+        ).fetchone()
+        (key_id,) = conn.execute(
+            "INSERT INTO api_keys (user_id, key_hash, key_prefix) VALUES (%s, %s, 'sk-test')"
+            " RETURNING id",
+            (user_id, f"{user_id:064d}"),
+        ).fetchone()
+    return Principal(key_id=key_id, user_id=user_id, tier="free")

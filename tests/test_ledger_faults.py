@@ -9,27 +9,15 @@ import pytest
 
 from app.storage import apply_migrations, open_pool
 from app.usage import UsageRecorder
-
-
-def _user_with_key(conn: psycopg.Connection, email: str) -> tuple[int, int]:
-    (user_id,) = conn.execute(
-        "INSERT INTO users (email) VALUES (%s) RETURNING id", (email,)
-    ).fetchone()
-    (key_id,) = conn.execute(
-        "INSERT INTO api_keys (user_id, key_hash, key_prefix) VALUES (%s, %s, 'sk-test') "
-        "RETURNING id",
-        (user_id, f"{user_id:064d}"),
-    ).fetchone()
-    return user_id, key_id
+from tests.helpers import new_user
 
 
 def test_a_deleted_key_or_user_never_jams_the_ledger(servers) -> None:
     database_url = servers.new_database()
     apply_migrations(database_url)
-    with psycopg.connect(database_url, autocommit=True) as conn:
-        a_user, a_key = _user_with_key(conn, "a@example.com")
-        b_user, b_key = _user_with_key(conn, "b@example.com")
-        c_user, c_key = _user_with_key(conn, "c@example.com")
+    a, b, c = (new_user(database_url, f"{name}@example.com") for name in "abc")
+    (a_user, a_key), (b_user, b_key) = (a.user_id, a.key_id), (b.user_id, b.key_id)
+    c_user, c_key = c.user_id, c.key_id
 
     dropped: list[int] = []
 
@@ -69,8 +57,8 @@ def test_a_deleted_key_or_user_never_jams_the_ledger(servers) -> None:
 def test_records_that_cannot_be_written_at_shutdown_are_counted(servers) -> None:
     database_url = servers.new_database()
     apply_migrations(database_url)
-    with psycopg.connect(database_url, autocommit=True) as conn:
-        user, key = _user_with_key(conn, "d@example.com")
+    d = new_user(database_url, "d@example.com")
+    user, key = d.user_id, d.key_id
     dropped: list[int] = []
 
     async def scenario() -> None:

@@ -24,7 +24,7 @@ from app.redis_link import RedisLink
 from app.storage import apply_migrations, open_pool
 from app.usage import UsageRecorder
 from tests.conftest import Servers
-from tests.helpers import ApiProcess, base_env, create_key
+from tests.helpers import ApiProcess, base_env, create_key, new_user
 
 
 @dataclass
@@ -34,19 +34,6 @@ class Stack:
     link: RedisLink
     principal: Principal
     database_url: str
-
-
-def new_user(database_url: str, email: str) -> Principal:
-    with psycopg.connect(database_url) as conn:
-        (user_id,) = conn.execute(
-            "INSERT INTO users (email) VALUES (%s) RETURNING id", (email,)
-        ).fetchone()
-        (key_id,) = conn.execute(
-            "INSERT INTO api_keys (user_id, key_hash, key_prefix) VALUES (%s, %s, 'sk-test')"
-            " RETURNING id",
-            (user_id, f"{user_id:064d}"),
-        ).fetchone()
-    return Principal(key_id=key_id, user_id=user_id, tier="free")
 
 
 def ledger(database_url: str, user_id: int) -> int:
