@@ -41,14 +41,19 @@ def _run_as() -> str | None:
     return _SERVICE_USER
 
 
-def _hand_over(path: Path, user: str | None) -> None:
-    """Give `user` the directory, and everyone the right to walk down to it."""
-    if user is None:
-        return
+def _make_walkable(path: Path) -> None:
+    """Let every user walk down to `path` (search bit only; nothing becomes readable)."""
     for parent in path.parents:
         mode = parent.stat().st_mode
         if mode & 0o011 != 0o011:
             parent.chmod(mode | 0o011)
+
+
+def _hand_over(path: Path, user: str | None) -> None:
+    """Give `user` the directory, and everyone the right to walk down to it."""
+    if user is None:
+        return
+    _make_walkable(path)
     shutil.chown(path, user, user)
 
 
@@ -86,6 +91,10 @@ class LocalPostgres:
         for directory in (self.pgdata, self.socket_dir):
             directory.mkdir(mode=0o700, exist_ok=True)
             _hand_over(directory, self.user)
+        if self.user is not None:
+            # The binaries sit in the virtualenv, which may be under a 0700 directory
+            # (root's home, a mktemp dir): the service user must reach them too.
+            _make_walkable(Path(_postgres_bin("initdb")))
         if not (self.pgdata / "PG_VERSION").exists():
             self._run(
                 _postgres_bin("initdb"),
