@@ -41,7 +41,7 @@ BROWSER_NODE := tests/browser/node_modules/.package-lock.json
 /usr/bin/chromium:
 	@test "$$(id -u)" = 0 || { echo "the browser test needs Debian's chromium: apt-get install chromium" >&2; exit 2; }
 	@echo "installing Debian's chromium for the browser test (apt-get)"
-	@log=$$(mktemp) && { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+	@log=$$(mktemp) && { apt-get -o DPkg::Lock::Timeout=600 update -qq && DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600 install -y -qq \
 		--no-install-recommends chromium fonts-liberation; } >$$log 2>&1 || { cat $$log >&2; rm -f $$log; exit 1; }; rm -f $$log
 
 $(BROWSER_NODE): tests/browser/package.json tests/browser/package-lock.json

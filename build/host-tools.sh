@@ -20,5 +20,5 @@ if [ "$(id -u)" != 0 ] || ! command -v apt-get >/dev/null; then
     exit 2
 fi
 echo "host-tools: installing ${missing[*]}" >&2
-apt-get update -qq
-DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+apt-get -o DPkg::Lock::Timeout=600 update -qq
+DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600 install -y -qq "${missing[@]}" >/dev/null

@@ -21,8 +21,8 @@ say() { echo "docs-assets: $*" >&2; }
 if ! command -v npm >/dev/null; then
     if [ "$(id -u)" == 0 ] && command -v apt-get >/dev/null; then
         say "npm is missing: installing Debian's npm"
-        apt-get update -qq
-        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq npm >/dev/null
+        apt-get -o DPkg::Lock::Timeout=600 update -qq
+        DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600 install -y -qq npm >/dev/null
     else
         say "needs Node.js and npm (apt-get install npm)"
         exit 2
