@@ -249,7 +249,8 @@ vm_ssh "sudo install -m 0600 /dev/stdin /etc/ssl/smally/privkey.pem" <"$RUN/tls/
 
 # The vault, encrypted, with a password made for this run.
 openssl rand -hex 24 >"$RUN/vault_pass"
-printf -- '---\nvault_smally_db_password: "%s"\n' "$(openssl rand -hex 24)" >"$STAGE/ansible/group_vars/all/vault.yml"
+printf -- '---\nvault_smally_db_password: "%s"\nvault_smally_redis_password: "%s"\n' \
+    "$(openssl rand -hex 24)" "$(openssl rand -hex 24)" >"$STAGE/ansible/group_vars/all/vault.yml"
 ansible-vault encrypt --vault-password-file "$RUN/vault_pass" "$STAGE/ansible/group_vars/all/vault.yml" >/dev/null
 cat >"$RUN/inventory/hosts.yml" <<EOF
 ---
@@ -300,6 +301,15 @@ check health
 KEY1=$(create_key alice@rehearsal.test pro)
 log "make create-key over ssh printed a key: ${KEY1:0:11}..."
 check embed --key "$KEY1"
+# Two Redis servers with the policies the README promises; the L2 cache filled the cache's one.
+vm_ssh 'sudo bash -s' <"$REPO/rehearsal/redis-check.sh" >"$RUN/redis.txt" 2>&1 ||
+    { cat "$RUN/redis.txt" >&2; die "rehearsal/redis-check.sh failed"; }
+sed 's/^/    /' "$RUN/redis.txt" >&2
+grep -qx 'REDIS_URL policy=noeviction save=\[\] keys=[0-9]* anonymous=NOAUTH' "$RUN/redis.txt" ||
+    die "the counters' Redis is not as promised"
+grep -qx 'CACHE_REDIS_URL policy=allkeys-lru save=\[\] keys=[1-9][0-9]* anonymous=NOAUTH' "$RUN/redis.txt" ||
+    die "the cache's Redis is not as promised, or holds no cached vector"
+log "Redis: counters noeviction, cache allkeys-lru with the vectors, nothing on disk, both need the password"
 check headers
 check metrics
 inside=$(vm_ssh 'curl -sS --cacert /etc/ssl/smally/fullchain.pem https://127.0.0.1/metrics' || true)

@@ -62,3 +62,31 @@ libpq_url() {
     esac
     database_url="$scheme://$userinfo@$hostpart"
 }
+
+# redis_cli_url URL: set redis_url to URL without its credentials, redis_cli_user to its user name
+# (ACL; empty for the default user), and export its password as REDISCLI_AUTH, which redis-cli reads
+# from there: like libpq_url, it keeps the password off command lines. Use:
+#   redis-cli ${redis_cli_user:+--user "$redis_cli_user"} -u "$redis_url" ping
+redis_cli_url() {
+    local url=$1 scheme rest userinfo password
+    unset REDISCLI_AUTH
+    redis_cli_user=""
+    redis_url=$url
+    case "$url" in
+    *://*@*) ;;
+    *) return 0 ;;
+    esac
+    scheme=${url%%://*}
+    rest=${url#*://}
+    userinfo=${rest%%@*}
+    case "$userinfo" in
+    *:*)
+        redis_cli_user=${userinfo%%:*}
+        password=${userinfo#*:}
+        REDISCLI_AUTH=$(printf '%b' "${password//%/\\x}")
+        export REDISCLI_AUTH
+        ;;
+    *) redis_cli_user=$userinfo ;; # redis-py reads redis://name@host as a user without password
+    esac
+    redis_url="$scheme://${rest#*@}"
+}

@@ -46,7 +46,8 @@ health_status() { # the "status" of a /health answer, or "unreachable"
 
 database_url=$(env_value DATABASE_URL)
 libpq_url "$database_url"
-redis_url=$(env_value REDIS_URL)
+counters_url=$(env_value REDIS_URL)
+cache_url=$(env_value CACHE_REDIS_URL)
 api_port=$(env_value API_PORT 8000)
 
 state=$(systemctl is-active "$SMALLY_SERVICE" 2>/dev/null)
@@ -64,9 +65,15 @@ status=$(health_status "http://127.0.0.1/health")
 
 check nginx "nginx is active" systemctl is-active --quiet nginx
 check postgresql "pg_isready with DATABASE_URL" pg_isready -q -d "$database_url"
-pong=$(redis-cli -u "$redis_url" ping 2>/dev/null)
-[ "$pong" == PONG ] && report pass redis "redis-cli ping: PONG" ||
-    report fail redis "redis-cli ping: ${pong:-no answer}"
+redis_ping() { # redis_ping NAME URL
+    local pong
+    redis_cli_url "$2"
+    pong=$(redis-cli ${redis_cli_user:+--user "$redis_cli_user"} -u "$redis_url" ping 2>/dev/null | head -n 1)
+    [ "$pong" == PONG ] && report pass "$1" "redis-cli ping: PONG" ||
+        report fail "$1" "redis-cli ping: ${pong:-no answer}"
+}
+redis_ping redis "$counters_url"
+[ -z "$cache_url" ] || [ "$cache_url" == "$counters_url" ] || redis_ping redis-cache "$cache_url"
 check backups "smally-backup.timer is active" systemctl is-active --quiet smally-backup.timer
 if [ "$backup_max_age" -gt 0 ]; then
     # An active timer says nothing about whether its runs succeed: look at the newest file.

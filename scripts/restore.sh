@@ -29,7 +29,7 @@ gzip -t "$backup" || die "$backup is not a valid gzip file"
 
 database_url=$(env_value DATABASE_URL)
 libpq_url "$database_url"
-redis_url=$(env_value REDIS_URL)
+redis_cli_url "$(env_value REDIS_URL)"
 redis_prefix=$(env_value REDIS_KEY_PREFIX "smally:")
 api_port=$(env_value API_PORT 8000)
 as_postgres() { runuser -u postgres -- env PGOPTIONS="-c client_min_messages=warning" "$@"; }
@@ -69,8 +69,9 @@ ALTER DATABASE "$db" RENAME TO "$previous";
 ALTER DATABASE "$fresh" RENAME TO "$db";
 SQL
 if command -v redis-cli >/dev/null; then
-    redis-cli -u "$redis_url" --scan --pattern "${redis_prefix}*" |
-        xargs -r -n 500 redis-cli -u "$redis_url" unlink >/dev/null ||
+    redis_cli=(redis-cli ${redis_cli_user:+--user "$redis_cli_user"} -u "$redis_url")
+    "${redis_cli[@]}" --scan --pattern "${redis_prefix}*" |
+        xargs -r -n 500 "${redis_cli[@]}" unlink >/dev/null ||
         echo "restore: could not clear Redis keys ${redis_prefix}* (counters rebuild when they expire)" >&2
 fi
 
