@@ -157,7 +157,10 @@ def _embed_many(api: ApiProcess, key: str, count: int, on_first=None) -> list[tu
             while chunk := connection.recv(65536):
                 data += chunk
         first_done.set()
-        return int(data.split(b" ", 2)[1]), time.monotonic()
+        status = int(data.split(b" ", 2)[1])
+        if status != 200:  # what it was, for the failure report
+            print(status, data.rpartition(b"\r\n\r\n")[2][:300])
+        return status, time.monotonic()
 
     with concurrent.futures.ThreadPoolExecutor(count) as pool:
         futures = [pool.submit(read, c) for c in connections]

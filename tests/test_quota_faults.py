@@ -122,7 +122,7 @@ def test_a_busy_redis_pool_is_a_503_not_an_outage(servers: Servers) -> None:
 
     async def scenario() -> None:
         pool = await open_pool(database_url, max_size=2)
-        link = RedisLink(servers.redis_url, key_prefix="busy:", timeout=0.3, max_connections=1)
+        link = RedisLink(servers.redis_url, key_prefix="busy:", pool_timeout=0.3, max_connections=1)
         quota = QuotaService(link, pool, UsageRecorder(pool), {"free": 10})
         principal = new_user(database_url, "busy@example.com")
         try:
