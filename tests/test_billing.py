@@ -33,19 +33,23 @@ def next_month_start() -> datetime:
 
 
 async def _embed_all(
-    targets: list[tuple[ApiProcess, str]], texts: list[str]
+    targets: list[tuple[ApiProcess, str]], texts: list[str], answered: list[int] | None = None
 ) -> list[httpx.Response | Exception]:
-    """Send every text at once, request i to targets[i % len(targets)]."""
+    """Send every text at once, request i to targets[i % len(targets)]; each answered
+    request's index is appended to `answered` as it comes back."""
     limits = httpx.Limits(max_connections=len(texts))
     async with httpx.AsyncClient(timeout=60, limits=limits) as client:
 
         async def one(i: int, text: str) -> httpx.Response:
             api, key = targets[i % len(targets)]
-            return await client.post(
+            response = await client.post(
                 f"{api.base_url}/v1/embed",
                 json={"text": text},
                 headers={"Authorization": f"Bearer {key}"},
             )
+            if answered is not None:
+                answered.append(i)
+            return response
 
         return await asyncio.gather(
             *(one(i, t) for i, t in enumerate(texts)), return_exceptions=True
@@ -151,10 +155,17 @@ def test_sigterm_under_load_loses_no_usage(env: dict[str, str], tmp_path: Path) 
     key = create_key(env, tmp_path, "load@example.com", "scale")
 
     async def load_then_terminate() -> list:
+        answered: list[int] = []
         task = asyncio.create_task(
-            _embed_all([(apis[0], key), (apis[1], key)], [f"load text {i}" for i in range(400)])
+            _embed_all(
+                [(apis[0], key), (apis[1], key)], [f"load text {i}" for i in range(400)], answered
+            )
         )
-        await asyncio.sleep(1.0)  # mid-load
+        # Mid-load by progress, not by the clock (a loaded machine answered none in 1 s).
+        deadline = time.monotonic() + 60
+        while len(answered) < 20 and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        assert len(answered) < 400, "the load was over before the signal"
         for api in apis:
             api.send_signal(signal.SIGTERM)
         return await task
