@@ -69,8 +69,9 @@ def build_openapi(settings: Settings, manifest: ModelManifest, version: str) -> 
         "type": "boolean",
         "default": False,
         "description": f"A text over {settings.max_tokens} tokens: embed its first "
-        f"{settings.max_tokens} ([CLS], the first {settings.max_tokens - 2} word pieces, [SEP]: "
-        "sentence-transformers' `max_seq_length`) instead of refusing it with `text_too_long`. "
+        f"{settings.max_tokens} ([CLS], the first {max(settings.max_tokens - 2, 0)} word pieces, "
+        "[SEP]: sentence-transformers' `max_seq_length`) instead of refusing it with "
+        "`text_too_long`. "
         "The token counts in the answer are the embedded ones.",
     }
     return {
