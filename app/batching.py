@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor, ThreadPoolExecutor
@@ -187,19 +188,21 @@ class EmbeddingService:
     def start(self) -> None:
         self.queue.start()
 
-    async def tokenize(self, texts: Sequence[str]) -> list[list[int]]:
+    async def tokenize(self, texts: Sequence[str], *, truncate: bool = False) -> list[list[int]]:
         chars = sum(len(t) for t in texts)
         if chars <= self.INLINE_TOKENIZE_CHARS:
-            return self.embedder.tokenize(texts)
+            return self.embedder.tokenize(texts, truncate=truncate)
         work = self._tokenize_and_trim if chars > self.TRIM_AFTER_CHARS else self.embedder.tokenize
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._tokenizing, work, texts)
+        return await loop.run_in_executor(
+            self._tokenizing, functools.partial(work, texts, truncate=truncate)
+        )
 
-    def _tokenize_and_trim(self, texts: Sequence[str]) -> list[list[int]]:
+    def _tokenize_and_trim(self, texts: Sequence[str], *, truncate: bool) -> list[list[int]]:
         # A megabyte of text (a hostile one refused as too long, or 2,048 legitimate inputs)
         # costs ~100 MB of tokenizer buffers; without this the process keeps them for good.
         try:
-            return self.embedder.tokenize(texts)
+            return self.embedder.tokenize(texts, truncate=truncate)
         finally:
             self._heap.release()
 

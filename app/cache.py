@@ -2,8 +2,10 @@
 
 The key is a hash of everything that changes the answer: the model file's sha256, the normalize
 flag, and the token ids (not the text: texts that tokenize identically for this uncased model
-share an entry, texts that differ never collide). A swapped model has another sha256, so it can
-never be served a vector of the old one. L2 values are raw little-endian float32 bytes.
+share an entry, texts that differ never collide; a text cut by `truncate` is keyed by the ids
+actually embedded, which give the same vector whoever sent them). A swapped model has another
+sha256, so it can never be served a vector of the old one. L2 values are raw little-endian
+float32 bytes.
 With CACHE_SCOPE=user (the default) the key also holds the customer's user id: a hit then only
 ever comes from that customer's own earlier request, so neither `"cached": true` nor a fast
 answer tells one customer what another has embedded.

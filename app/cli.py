@@ -99,14 +99,25 @@ def serve() -> None:
 
 
 @api.command()
-def migrate() -> None:
-    """Apply pending migrations and list them all."""
+@click.option(
+    "--status", is_flag=True, help="Only list applied and pending migrations; change nothing."
+)
+def migrate(status: bool) -> None:
+    """Apply pending migrations and list them all (--status: list only)."""
     settings = load_settings(require_redis=False)
-    applied = migrate_or_exit(settings.database_url)
-    for status in migration_status(settings.database_url):
-        when = status.applied_at.isoformat(timespec="seconds") if status.applied_at else "pending"
-        mark = " (applied now)" if status.id in applied else ""
-        click.echo(f"{status.id}\t{when}{mark}")
+    applied = [] if status else migrate_or_exit(settings.database_url)
+    try:
+        statuses = migration_status(settings.database_url)
+    except psycopg.OperationalError as exc:
+        _fail(f"cannot reach PostgreSQL (DATABASE_URL): {_first_line(exc)}")
+    for migration in statuses:
+        when = (
+            migration.applied_at.isoformat(timespec="seconds")
+            if migration.applied_at
+            else "pending"
+        )
+        mark = " (applied now)" if migration.id in applied else ""
+        click.echo(f"{migration.id}\t{when}{mark}")
 
 
 @api.command()

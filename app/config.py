@@ -90,6 +90,9 @@ class Settings:
     max_batch_tokens: int = 16_384
     max_queue_tokens: int = 262_144
     model_aliases: tuple[str, ...] = ()
+    # Browser origins allowed to call the API cross-origin: () = none (no CORS headers at all),
+    # ("*",) = any, else exact origins such as "https://app.example.com".
+    cors_origins: tuple[str, ...] = ()
 
     @property
     def onnx_threads(self) -> int:
@@ -152,6 +155,7 @@ class Settings:
                 for alias in reader.text("MODEL_ALIASES", "").split(",")
                 if alias.strip()
             ),
+            cors_origins=reader.origins("CORS_ORIGINS"),
         )
 
 
@@ -200,6 +204,38 @@ class _Reader:
         if len(value) > 16 or not value.replace("_", "").replace("-", "").isalnum():
             raise ConfigError(f"{name} must be up to 16 letters, digits, '_' or '-'")
         return value
+
+    def origins(self, name: str) -> tuple[str, ...]:
+        """Empty, `*`, or a comma-separated list of origins (scheme://host[:port])."""
+        raw = self.env.get(name, "").strip()
+        if raw == "*":
+            return ("*",)
+        origins: list[str] = []
+        for item in (part.strip().rstrip("/") for part in raw.split(",")):
+            if not item:
+                continue
+            if item == "*":
+                raise ConfigError(f"{name}: '*' must stand alone, not in a list")
+            parts = urlsplit(item)
+            try:
+                _ = parts.port
+            except ValueError:
+                raise ConfigError(f"{name}: {item!r} has an invalid port") from None
+            if (
+                parts.scheme not in ("http", "https")
+                or not parts.hostname
+                or parts.username is not None
+                or parts.path
+                or parts.query
+                or parts.fragment
+            ):
+                raise ConfigError(
+                    f"{name}: {item!r} is not an origin like https://app.example.com "
+                    "(scheme, host and port only)"
+                )
+            # Browsers send the origin lower-cased; compare it as they send it.
+            origins.append(item.lower())
+        return tuple(origins)
 
     def database_url(self, name: str, *, required: bool) -> str:
         value = self.env.get(name, "").strip()

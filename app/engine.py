@@ -100,15 +100,20 @@ class Embedder:
     def dimension(self) -> int:
         return self.manifest.dimension
 
-    def tokenize(self, texts: Sequence[str]) -> list[list[int]]:
-        """Token ids of each text (with [CLS]/[SEP], unpadded); raises TextTooLong, naming the
-        first offender, with its full count."""
+    def tokenize(self, texts: Sequence[str], *, truncate: bool = False) -> list[list[int]]:
+        """Token ids of each text (with [CLS]/[SEP], unpadded). Over `max_tokens`: raises
+        TextTooLong, naming the first offender with its full count, or with `truncate` keeps
+        its first `max_tokens` (sentence-transformers' max_seq_length: [CLS], the first
+        max_tokens - 2 word pieces, [SEP])."""
         # The encodings (offsets, token strings: ~100 MB for a megabyte of text) are dropped at
         # once, not kept alive by a TextTooLong's traceback until the heap is trimmed.
         ids = [e.ids for e in self.tokenizer.encode_batch_fast(list(texts))]
         for index, row in enumerate(ids):
             if len(row) > self.max_tokens:
-                raise TextTooLong(index, len(row), self.max_tokens)
+                if not truncate:
+                    raise TextTooLong(index, len(row), self.max_tokens)
+                # The post-processor ends every row with [SEP]: keep it after the cut.
+                ids[index] = row[: self.max_tokens - 1] + row[-1:]
         return ids
 
     def infer(self, token_ids: Sequence[Sequence[int]], *, normalize: bool = True) -> np.ndarray:

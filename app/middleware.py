@@ -1,4 +1,5 @@
-"""Per-request context: request id, access log line, and a JSON 500 for anything unexpected."""
+"""Per-request context: request id, access log line, and a JSON 500 for anything unexpected;
+and CORS for browser clients (CORS_ORIGINS)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import time
 import uuid
 from collections.abc import Callable
 
+from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.errors import InternalError
@@ -171,3 +173,78 @@ def _request_id(scope: Scope) -> str:
                 return candidate
             break
     return uuid.uuid4().hex
+
+
+class CorsMiddleware:
+    """CORS for the origins in CORS_ORIGINS (installed only when it is set).
+
+    An allowed origin's preflight (OPTIONS with Access-Control-Request-Method) on a served path
+    is answered here, 204; its other requests get Access-Control-Allow-Origin on every answer,
+    errors included (a browser hides the body of an answer without it, so a 401 or 429 would
+    reach the page as a bare network error). Any other origin gets no CORS header at all and
+    exactly the answers it got without CORS (its preflight is 405): the browser then refuses.
+    Starlette's CORSMiddleware is not used because it sends some CORS headers to every origin
+    and refuses a preflight with a plain-text 400, where every error here is JSON.
+    Sits inside RequestContextMiddleware, so a preflight is logged, counted and carries the
+    request id and security headers like any answer.
+    """
+
+    ALLOW_METHODS = b"GET, POST"
+    # What a browser client sends beyond the safelisted headers (and a request id to trace).
+    ALLOW_HEADERS = b"Authorization, Content-Type, X-Request-Id"
+    # What a page may read of an answer beyond the safelisted headers.
+    EXPOSE_HEADERS = (
+        b"X-Request-Id, X-RateLimit-Limit, X-RateLimit-Remaining, X-RateLimit-Reset, Retry-After"
+    )
+    MAX_AGE = b"600"  # seconds a browser may reuse a preflight's answer
+
+    def __init__(self, app: ASGIApp, *, origins: tuple[str, ...], paths: set[str]) -> None:
+        self.app = app
+        self.any_origin = "*" in origins
+        self.origins = frozenset(origin.encode("latin-1") for origin in origins)
+        self.paths = paths
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        origin = _header(scope, b"origin") if scope["type"] == "http" else None
+        if origin is None or not (self.any_origin or origin in self.origins):
+            await self.app(scope, receive, send)
+            return
+        allow = (
+            [(b"access-control-allow-origin", b"*")]
+            if self.any_origin
+            else [(b"access-control-allow-origin", origin), (b"vary", b"Origin")]
+        )
+        if (
+            scope["method"] == "OPTIONS"
+            and _header(scope, b"access-control-request-method") is not None
+            and scope["path"] in self.paths
+        ):
+            preflight = Response(status_code=204)
+            preflight.raw_headers.extend(
+                [
+                    *allow,
+                    (b"access-control-allow-methods", self.ALLOW_METHODS),
+                    (b"access-control-allow-headers", self.ALLOW_HEADERS),
+                    (b"access-control-max-age", self.MAX_AGE),
+                ]
+            )
+            await preflight(scope, receive, send)
+            return
+
+        async def send_with_cors(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message["headers"] = [
+                    *message.get("headers", []),
+                    *allow,
+                    (b"access-control-expose-headers", self.EXPOSE_HEADERS),
+                ]
+            await send(message)
+
+        await self.app(scope, receive, send_with_cors)
+
+
+def _header(scope: Scope, name: bytes) -> bytes | None:
+    for key, value in scope["headers"]:
+        if key == name:
+            return value
+    return None

@@ -20,6 +20,7 @@ from app.responses import JSONResponse
 from app.routes import (
     authenticate,
     json_body,
+    parse_truncate,
     quota_headers_on_error,
     refuse_known_over_quota,
     serve,
@@ -38,9 +39,9 @@ async def embeddings(request: Request) -> Response:
     refuse_known_over_quota(services, principal)
     async with quota_headers_on_error(services, principal):
         payload = await json_body(request, services)
-        texts, encoding_format, dimensions = parse_request(payload, services)
+        texts, encoding_format, dimensions, truncate = parse_request(payload, services)
         try:
-            token_ids = await tokenize(services, texts)
+            token_ids = await tokenize(services, texts, truncate=truncate)
         except TextTooLongError as exc:
             exc.extra["param"] = f"input[{exc.extra['index']}]" if len(texts) > 1 else "input"
             raise
@@ -52,7 +53,7 @@ async def embeddings(request: Request) -> Response:
         {"object": "embedding", "index": i, "embedding": _encode(vector, encoding_format)}
         for i, vector in enumerate(vectors)
     ]
-    tokens = sum(len(row) for row in token_ids)
+    tokens = sum(len(row) for row in token_ids)  # embedded: after truncation, if any
     request.state.cached = all(served.cached)
     return JSONResponse(
         {
@@ -85,7 +86,7 @@ def accepted_model_names(served_name: str, aliases: tuple[str, ...]) -> tuple[st
     return (served_name, f"sentence-transformers/{served_name}", *aliases)
 
 
-def parse_request(payload: Any, services: Services) -> tuple[list[str], str, int | None]:
+def parse_request(payload: Any, services: Services) -> tuple[list[str], str, int | None, bool]:
     if not isinstance(payload, dict):
         raise InvalidRequest("request body must be a JSON object", param=None)
     served_name = services.embeddings.manifest.name
@@ -139,7 +140,7 @@ def parse_request(payload: Any, services: Services) -> tuple[list[str], str, int
     user = payload.get("user")
     if user is not None and not isinstance(user, str):
         raise InvalidRequest("'user' must be a string", param="user")
-    return texts, encoding_format, dimensions
+    return texts, encoding_format, dimensions, parse_truncate(payload)
 
 
 def _encode(vector: np.ndarray, encoding_format: str) -> Any:

@@ -62,7 +62,17 @@ def build_openapi(settings: Settings, manifest: ModelManifest, version: str) -> 
         # Not empty and not only whitespace.
         "pattern": r"\S",
         "description": f"At most {settings.max_tokens} tokens including [CLS] and [SEP]; a longer "
-        "text is refused (`text_too_long`), never silently truncated.",
+        "text is refused (`text_too_long`) unless `truncate` is true, never silently truncated.",
+    }
+    # Declared once, for both embedding endpoints (parsed once too: app.routes.parse_truncate).
+    truncate = {
+        "type": "boolean",
+        "default": False,
+        "description": f"A text over {settings.max_tokens} tokens: embed its first "
+        f"{settings.max_tokens} ([CLS], the first {max(settings.max_tokens - 2, 0)} word pieces, "
+        "[SEP]: sentence-transformers' `max_seq_length`) instead of refusing it with "
+        "`text_too_long`. "
+        "The token counts in the answer are the embedded ones.",
     }
     return {
         "openapi": "3.1.0",
@@ -91,8 +101,10 @@ def build_openapi(settings: Settings, manifest: ModelManifest, version: str) -> 
             "/openapi.json": {"get": _openapi_operation()},
             "/docs": {"get": _docs_operation()},
             "/docs/{asset}": {"get": _docs_asset_operation()},
-            "/v1/embed": {"post": _embed_operation(text)},
-            "/v1/embeddings": {"post": _embeddings_operation(text, model, dimension, settings)},
+            "/v1/embed": {"post": _embed_operation(text, truncate)},
+            "/v1/embeddings": {
+                "post": _embeddings_operation(text, truncate, model, dimension, settings)
+            },
             "/v1/models": {"get": _models_operation()},
         },
         "components": {
@@ -109,7 +121,7 @@ def build_openapi(settings: Settings, manifest: ModelManifest, version: str) -> 
     }
 
 
-def _embed_operation(text: dict[str, Any]) -> dict[str, Any]:
+def _embed_operation(text: dict[str, Any], truncate: dict[str, Any]) -> dict[str, Any]:
     return {
         "operationId": "embed",
         "summary": "Embed one text",
@@ -122,6 +134,7 @@ def _embed_operation(text: dict[str, Any]) -> dict[str, Any]:
                     "default": True,
                     "description": "L2-normalise the vector (unit length).",
                 },
+                "truncate": truncate,
             },
             required=["text"],
             example={"text": "The quick brown fox"},
@@ -138,7 +151,11 @@ def _embed_operation(text: dict[str, Any]) -> dict[str, Any]:
 
 
 def _embeddings_operation(
-    text: dict[str, Any], model: str, dimension: int, settings: Settings
+    text: dict[str, Any],
+    truncate: dict[str, Any],
+    model: str,
+    dimension: int,
+    settings: Settings,
 ) -> dict[str, Any]:
     models = list(accepted_model_names(model, settings.model_aliases))
     return {
@@ -170,6 +187,7 @@ def _embeddings_operation(
                     "description": "Keep the first N dimensions, re-normalised.",
                 },
                 "user": {"type": ["string", "null"], "description": "Accepted and ignored."},
+                "truncate": truncate,
             },
             required=["model", "input"],
             example={"model": model, "input": ["The quick brown fox", "hello"]},

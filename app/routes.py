@@ -78,15 +78,15 @@ async def embed(request: Request) -> Response:
     refuse_known_over_quota(services, principal)
     async with quota_headers_on_error(services, principal):
         payload = await json_body(request, services)
-        text, normalize = parse_embed_request(payload)
-        (token_ids,) = await tokenize(services, [text])
+        text, normalize, truncate = parse_embed_request(payload)
+        (token_ids,) = await tokenize(services, [text], truncate=truncate)
         served = await serve(services, principal, [token_ids], normalize)
     request.state.cached = served.cached[0]
     return JSONResponse(
         {
             "embedding": served.vectors[0],
             "model": services.embeddings.manifest.name,
-            "tokens": len(token_ids),
+            "tokens": len(token_ids),  # what was embedded: after truncation, if any
             "cached": served.cached[0],
             "latency_ms": round((time.perf_counter() - started) * 1000, 3),
         },
@@ -123,9 +123,11 @@ async def json_body(request: Request, services: Services) -> Any:
     )
 
 
-async def tokenize(services: Services, texts: list[str]) -> list[list[int]]:
+async def tokenize(
+    services: Services, texts: list[str], *, truncate: bool = False
+) -> list[list[int]]:
     try:
-        return await services.embeddings.tokenize(texts)
+        return await services.embeddings.tokenize(texts, truncate=truncate)
     except TextTooLong as exc:
         where = f"input {exc.index}" if len(texts) > 1 else "text"
         raise TextTooLongError(
@@ -169,7 +171,7 @@ async def serve(
         raise ServiceUnavailable("the database is unavailable; retry shortly") from None
 
 
-def parse_embed_request(payload: Any) -> tuple[str, bool]:
+def parse_embed_request(payload: Any) -> tuple[str, bool, bool]:
     if not isinstance(payload, dict):
         raise InvalidRequest('request body must be a JSON object like {"text": "..."}')
     text = payload.get("text")
@@ -179,7 +181,17 @@ def parse_embed_request(payload: Any) -> tuple[str, bool]:
         raise InvalidRequest("'text' must be a string", param="text")
     if not text.strip():
         raise InvalidRequest("'text' must not be empty or only whitespace", param="text")
-    normalize = payload.get("normalize", True)
-    if not isinstance(normalize, bool):
-        raise InvalidRequest("'normalize' must be true or false", param="normalize")
-    return text, normalize
+    return text, flag(payload, "normalize", default=True), parse_truncate(payload)
+
+
+def parse_truncate(payload: dict[str, Any]) -> bool:
+    """`truncate` (both embedding endpoints): embed the first MAX_TOKENS tokens of a longer
+    text instead of refusing it (`text_too_long`, the default)."""
+    return flag(payload, "truncate", default=False)
+
+
+def flag(payload: dict[str, Any], name: str, *, default: bool) -> bool:
+    value = payload.get(name, default)
+    if not isinstance(value, bool):
+        raise InvalidRequest(f"'{name}' must be true or false", param=name)
+    return value

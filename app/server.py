@@ -16,7 +16,7 @@ from app import docs, openai_api, openapi, routes
 from app.config import Settings
 from app.errors import ApiError, InternalError, MethodNotAllowed, NotFound
 from app.metrics import Metrics
-from app.middleware import RequestContextMiddleware
+from app.middleware import CorsMiddleware, RequestContextMiddleware
 from app.responses import error_response
 from app.services import Services
 
@@ -43,15 +43,13 @@ def create_app(settings: Settings) -> Starlette:
         *docs.routes(),
         Route("/openapi.json", openapi.openapi_json, methods=["GET"]),
     ]
+    paths = {route.path for route in endpoints}
+    middleware = [Middleware(RequestContextMiddleware, metrics=metrics, endpoints=paths)]
+    if settings.cors_origins:
+        middleware.append(Middleware(CorsMiddleware, origins=settings.cors_origins, paths=paths))
     return Starlette(
         routes=endpoints,
-        middleware=[
-            Middleware(
-                RequestContextMiddleware,
-                metrics=metrics,
-                endpoints={route.path for route in endpoints},
-            )
-        ],
+        middleware=middleware,
         exception_handlers={ApiError: _api_error, HTTPException: _http_error},
         lifespan=lifespan,
     )

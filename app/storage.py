@@ -83,15 +83,20 @@ def apply_migrations(database_url: str) -> list[str]:
 
 
 def migration_status(database_url: str) -> list[MigrationStatus]:
+    """Every migration, applied (with when) or pending. Reads only: it never goes through yoyo's
+    backend, whose set-up creates yoyo's own tables, and it runs in a read-only session, so
+    looking at a fresh database leaves it empty."""
     migrations = read_migrations(str(migrations_dir()))
-    backend = _backend(database_url)
-    try:
-        backend.ensure_internal_schema_updated()
-        rows = backend.execute(
-            "SELECT migration_id, applied_at_utc FROM _yoyo_migration"
-        ).fetchall()
-    finally:
-        backend.connection.close()
+    with psycopg.connect(
+        database_url, autocommit=True, options="-c default_transaction_read_only=on"
+    ) as conn:
+        # Resolved through search_path, as yoyo's own unqualified table name is.
+        exists = conn.execute("SELECT to_regclass('_yoyo_migration') IS NOT NULL").fetchone()
+        rows = (
+            conn.execute("SELECT migration_id, applied_at_utc FROM _yoyo_migration").fetchall()
+            if exists and exists[0]
+            else []
+        )
     applied = {row[0]: row[1] for row in rows}
     return [MigrationStatus(m.id, applied.get(m.id)) for m in migrations]
 

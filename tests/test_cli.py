@@ -9,7 +9,7 @@ import psycopg
 import pytest
 
 from tests.conftest import Servers
-from tests.helpers import ApiProcess, base_env, run_cli
+from tests.helpers import REPO, ApiProcess, base_env, run_cli
 
 
 @pytest.fixture
@@ -69,6 +69,31 @@ def test_api_migrate_applies_and_lists(env: dict[str, str], tmp_path: Path) -> N
     assert first.returncode == 0 and "0001_initial" in first.stdout
     assert "(applied now)" in first.stdout
     assert "0001_initial" in again.stdout and "(applied now)" not in again.stdout
+
+
+def tables(database_url: str) -> list[str]:
+    with psycopg.connect(database_url) as conn:
+        rows = conn.execute(
+            "SELECT tablename FROM pg_tables WHERE schemaname NOT IN ('pg_catalog', "
+            "'information_schema') ORDER BY tablename"
+        ).fetchall()
+    return [row[0] for row in rows]
+
+
+def test_api_migrate_status_lists_without_applying(env: dict[str, str], tmp_path: Path) -> None:
+    ids = sorted(p.stem for p in (REPO / "migrations").glob("*.sql") if ".rollback" not in p.name)
+    before = run_cli("api", "migrate", "--status", env=env, cwd=tmp_path)
+    assert before.returncode == 0, before.stderr
+    assert before.stdout.splitlines() == [f"{m}\tpending" for m in ids]
+    assert tables(env["DATABASE_URL"]) == []  # not even yoyo's own tables
+
+    assert run_cli("api", "migrate", env=env, cwd=tmp_path).returncode == 0
+    after = run_cli("api", "migrate", "--status", env=env, cwd=tmp_path)
+    assert after.returncode == 0, after.stderr
+    lines = [line.split("\t") for line in after.stdout.splitlines()]
+    assert [line[0] for line in lines] == ids
+    assert all(line[1] != "pending" and "(applied now)" not in line[1] for line in lines), lines
+    assert "_yoyo_migration" in tables(env["DATABASE_URL"])
 
 
 @pytest.mark.parametrize("program", ["api", "create_api_key"])

@@ -1,20 +1,24 @@
 """GET /docs: the API reference page, served by the app itself and rendered by a real browser
-(Debian's headless Chromium driven by playwright-core, tests/browser/), with no internet."""
+(Debian's headless Chromium driven by playwright-core, tests/browser/), with no internet. And the
+API called from a page on another origin in the same browser (CORS_ORIGINS)."""
 
 from __future__ import annotations
 
+import functools
 import json
 import shutil
 import socket
 import subprocess
+import threading
 from collections.abc import Iterator
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import httpx
 import pytest
 
 from app.docs import ASSETS_DIR, MEDIA_TYPES
-from tests.helpers import REPO, ApiProcess
+from tests.helpers import REPO, ApiProcess, create_key
 
 BROWSER_DIR = REPO / "tests" / "browser"
 CHROMIUM = Path("/usr/bin/chromium")
@@ -160,3 +164,102 @@ def test_docs_without_built_assets_is_a_json_error(api_without_assets: ApiProces
         assert client.get("/health").json()["status"] == "healthy"
     records = api_without_assets.log_records()
     assert not [r for r in records if r.get("level") in ("error", "critical")], records[-5:]
+
+
+# --- A browser client on another origin (CORS_ORIGINS) ---------------------------------------
+
+
+class QuietHandler(SimpleHTTPRequestHandler):
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+@pytest.fixture(scope="module")
+def page_origin(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A static page served from its own port: another origin than any `api`."""
+    root = tmp_path_factory.mktemp("page")
+    (root / "index.html").write_text(
+        '<!doctype html><link rel="icon" href="data:,"><title>a browser client</title>\n'
+    )
+    handler = functools.partial(QuietHandler, directory=str(root))
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def call_from_page(page_origin: str, profile: Path, calls: list[dict]) -> dict:
+    """What fetch() on a page of `page_origin` got for each call (browser/cross_origin.mjs)."""
+    result = subprocess.run(
+        ["node", "cross_origin.mjs", f"{page_origin}/index.html", str(profile), json.dumps(calls)],
+        cwd=BROWSER_DIR,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-5000:]
+    return json.loads(result.stdout)
+
+
+def test_a_page_on_another_origin_calls_the_api_only_when_allowed(
+    api: ApiProcess, module_env: dict[str, str], page_origin: str, tmp_path: Path
+) -> None:
+    allowing = ApiProcess({**module_env, "CORS_ORIGINS": page_origin}, tmp_path).start()
+    try:
+        allowing.wait_healthy()
+        key = create_key(allowing.env, tmp_path, "browser@example.com", "pro")
+        body = {"text": "called from another origin"}
+        report = call_from_page(
+            page_origin,
+            tmp_path / "chromium-profile",
+            [
+                {
+                    "name": "allowed",
+                    "url": f"{allowing.base_url}/v1/embed",
+                    "key": key,
+                    "body": body,
+                },
+                {
+                    "name": "no key",
+                    "url": f"{allowing.base_url}/v1/embed",
+                    "key": None,
+                    "body": body,
+                },
+                {
+                    "name": "openai",
+                    "url": f"{allowing.base_url}/v1/embeddings",
+                    "key": key,
+                    "body": {"model": "all-MiniLM-L6-v2", "input": ["a", "b"]},
+                },
+                # The module's service, without CORS_ORIGINS: the browser refuses the answer.
+                {
+                    "name": "not allowed",
+                    "url": f"{api.base_url}/v1/embed",
+                    "key": key,
+                    "body": body,
+                },
+            ],
+        )
+        records = allowing.log_records()
+    finally:
+        assert allowing.stop() == 0
+    seen = {name: o.get("status", o.get("error")) for name, o in report["outcomes"].items()}
+    print(f"\nfetch() from {page_origin}: {seen}")
+    assert report["origin"] == page_origin
+    outcomes = report["outcomes"]
+    allowed = outcomes["allowed"]
+    assert allowed.get("ok") is True, allowed
+    assert len(allowed["body"]["embedding"]) == 384 and allowed["body"]["tokens"] > 2
+    assert allowed["remaining"] is not None  # exposed to the page (Access-Control-Expose-Headers)
+    assert outcomes["openai"].get("ok") is True and len(outcomes["openai"]["body"]["data"]) == 2
+    # An error's JSON reaches the page too, not a bare network error.
+    assert outcomes["no key"].get("status") == 401, outcomes["no key"]
+    assert outcomes["no key"]["body"]["error"] == "invalid_api_key"
+    not_allowed = outcomes["not allowed"]
+    assert "ok" not in not_allowed and not_allowed["error"].startswith("TypeError"), not_allowed
+    preflights = [r for r in records if r.get("method") == "OPTIONS"]
+    assert preflights and all(r["status"] == 204 for r in preflights), preflights
