@@ -488,8 +488,9 @@ def _schemas(model: str, dimension: int) -> dict[str, Any]:
         "Error": {
             "type": "object",
             "description": "Every error: a stable `error` code and a message for people. Some "
-            "carry details (`param`, `max_tokens`, `tokens`, `index`, `max_bytes`, `limit`, "
-            "`reset_at`).",
+            "carry details (`param`, `max_tokens`, `tokens`, `tokens_at_least`, `index`, "
+            "`max_bytes`, `limit`, `reset_at`). `text_too_long` has `tokens` when the text was "
+            "tokenized, `tokens_at_least` when counting its words already showed it too long.",
             "required": ["error", "message"],
             "properties": {
                 "error": {"type": "string", "enum": _all_codes()},
@@ -497,6 +498,7 @@ def _schemas(model: str, dimension: int) -> dict[str, Any]:
                 "param": {"type": ["string", "null"]},
                 "max_tokens": {"type": "integer"},
                 "tokens": {"type": "integer"},
+                "tokens_at_least": {"type": "integer"},
                 "index": {"type": "integer"},
                 "max_bytes": {"type": "integer"},
                 "limit": {"type": "integer"},

@@ -130,11 +130,14 @@ async def tokenize(
         return await services.embeddings.tokenize(texts, truncate=truncate)
     except TextTooLong as exc:
         where = f"input {exc.index}" if len(texts) > 1 else "text"
+        count = f"{exc.tokens}" if exc.exact else f"more than {exc.max_tokens}"
+        # An exact count, or (refused by counting words, never tokenized) only a lower bound.
+        counted = {"tokens": exc.tokens} if exc.exact else {"tokens_at_least": exc.tokens}
         raise TextTooLongError(
-            f"{where} has {exc.tokens} tokens; the limit is {exc.max_tokens}",
+            f"{where} has {count} tokens; the limit is {exc.max_tokens}",
             max_tokens=exc.max_tokens,
-            tokens=exc.tokens,
             index=exc.index,
+            **counted,
         ) from None
 
 

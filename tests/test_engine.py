@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import random
+
 import numpy as np
 import pytest
 
-from app.engine import Embedder, TextTooLong
+from app.engine import Embedder, TextTooLong, end_of_word
 from tests.helpers import MODEL_PATH, cosine, load_reference
 
 
@@ -47,6 +49,48 @@ def test_batch_equals_singles(embedder: Embedder) -> None:
 
 
 def test_over_long_input_is_refused_with_its_full_count(embedder: Embedder) -> None:
+    # 64 words of 3 pieces each: too few words for the word count to tell, so it is tokenized.
     with pytest.raises(TextTooLong) as info:
-        embedder.embed(["short", " ".join(["word"] * 300)])
-    assert (info.value.index, info.value.tokens, info.value.max_tokens) == (1, 302, 128)
+        embedder.embed(["short", " ".join(["a.b"] * 64)])
+    assert (info.value.index, info.value.tokens, info.value.max_tokens) == (1, 194, 128)
+    assert info.value.exact
+
+
+def test_many_words_are_refused_before_tokenizing(embedder: Embedder) -> None:
+    text = "The quick brown fox jumps over the lazy dog. " * 25_000  # 1.1 MB
+    with pytest.raises(TextTooLong) as info:
+        embedder.tokenize(["short", text])
+    assert (info.value.index, info.value.tokens, info.value.exact) == (1, 129, False)
+    assert end_of_word(text, 127) == len("The quick brown fox jumps over the lazy dog. " * 14) + 3
+
+
+# Characters on which the word count and BERT's normaliser could disagree: whitespace of every
+# kind, controls it deletes, marks it strips, zero-width and CJK characters, punctuation.
+_NASTY = list(
+    "abc XY 12 .,;!?-_'\"\t\n\r\x0b\x0c"
+    "\u00a0\u3000\u2003\u1680\u0301\u0308\u200b\u200d\ufeff\u2028\u2029\x1c\x1f\x85"
+    "\x00\ufffdéßÅ東京²٣\u0627\u05d0\u0e01ǅⅫ\U0001f600"
+)
+
+
+def test_the_word_count_never_exceeds_the_word_pieces(embedder: Embedder) -> None:
+    """Sound on 5,000 random texts of the characters most likely to break it."""
+    rng = random.Random(16)
+    for _ in range(5_000):
+        text = "".join(rng.choice(_NASTY) for _ in range(rng.randint(1, 60)))
+        pieces = len(embedder.tokenizer.encode(text).ids) - 2
+        assert end_of_word(text, pieces + 1) is None, (text, pieces)  # no more words than that
+
+
+def test_truncating_after_the_word_count_keeps_the_same_pieces() -> None:
+    """A long text cut at a word end (truncate=true) gives the pieces of cutting the whole."""
+    small = Embedder(MODEL_PATH, max_tokens=12)  # 10 pieces: many random texts go over
+    rng = random.Random(11)
+    cut = 0
+    for _ in range(2_000):
+        text = "".join(rng.choice(_NASTY) for _ in range(rng.randint(20, 200)))
+        whole = small.tokenizer.encode(text).ids
+        expected = whole if len(whole) <= 12 else [*whole[:11], whole[-1]]
+        cut += end_of_word(text, 11) is not None
+        assert small.tokenize([text], truncate=True) == [expected], text
+    assert cut > 500  # the word count did the cutting often enough to mean something
