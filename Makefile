@@ -161,10 +161,11 @@ REMOTE_APP := /home/smally/smally-api
 EMAIL ?=
 TIER ?=
 LOG_LINES ?= 100
-.PHONY: help-deploy ansible-tools lint-deploy deploy restart logs create-key backup health rehearse
+.PHONY: help-deploy ansible-tools lint-deploy check-dist deploy restart logs create-key backup health rehearse
 
 help-deploy:
 	@echo "make deploy       ansible/site.yml against INVENTORY=$(INVENTORY) (build first: make build)"
+	@echo "                  refuses a dist/ not built from the working tree (ALLOW_STALE_DIST=1: deploy it anyway)"
 	@echo "make restart      restart smally on the server and wait until health-check.sh passes"
 	@echo "make logs         follow the service's journal (LOG_LINES=$(LOG_LINES))"
 	@echo "make create-key EMAIL=alice@example.com TIER=pro   a new API key, printed alone"
@@ -184,7 +185,13 @@ lint-deploy: ansible-tools
 	$(ANSIBLE_ENV) ansible-lint ansible/
 	for f in scripts/*.sh rehearsal/*.sh ansible/files/*.sh; do bash -n "$$f" || exit 1; done
 
-deploy: ansible-tools
+# A deploy never ships a stale build: each of dist/ and dist/arm64/ that holds an `api` must have
+# been built from this working tree (commit, uncommitted changes, uv.lock: build/stamp.py).
+ALLOW_STALE_DIST ?=
+check-dist:
+	@ALLOW_STALE_DIST=$(ALLOW_STALE_DIST) $(PYTHON) build/stamp.py check dist $(ARM64_DIST)
+
+deploy: check-dist ansible-tools
 	$(ANSIBLE_ENV) ansible-playbook -i $(INVENTORY) $(VAULT_ARGS) $(DEPLOY_PLAYBOOK) $(DEPLOY_ARGS)
 
 restart:
