@@ -74,7 +74,11 @@ def exported(name: str) -> str:
 def export() -> int:
     REQUIREMENTS.mkdir(exist_ok=True)
     for name in EXPORTS:
-        (REQUIREMENTS / name).write_text(exported(name))
+        path, text = REQUIREMENTS / name, exported(name)
+        if path.is_file() and path.read_text() == text:
+            print(f"requirements/{name} unchanged")
+            continue  # its mtime stays: make does not reinstall for nothing
+        path.write_text(text)
         print(f"wrote requirements/{name}")
     return 0
 
