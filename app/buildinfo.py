@@ -1,11 +1,13 @@
-"""What this build is: version, git commit, dirty flag, build time.
+"""What this build is: version, git commit, dirty flag, the lock it was built from, build time.
 
-A frozen binary carries `_build_info.json` written by the build script; a source checkout asks git.
+A frozen binary carries `_build_info.json` written by the build script; a source checkout asks git
+and hashes its uv.lock (from which `make install` installed the venv).
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import platform
 import subprocess
@@ -25,6 +27,10 @@ def build_info() -> dict[str, Any]:
         info = {"git_hash": _git("rev-parse", "--short=12", "HEAD"), "build_timestamp": None}
         status = _git("status", "--porcelain", "--untracked-files=no")
         info["git_dirty"] = None if status is None else bool(status)
+        lock = Path(__file__).resolve().parent.parent / "uv.lock"
+        info["lock_sha256"] = (
+            hashlib.sha256(lock.read_bytes()).hexdigest() if lock.is_file() else None
+        )
     info["version"] = __version__
     info["python"] = platform.python_version()
     return info
@@ -34,7 +40,9 @@ def version_line(program: str) -> str:
     info = build_info()
     dirty = "-dirty" if info.get("git_dirty") else ""
     built = info.get("build_timestamp") or "source"
-    return f"{program} {info['version']} (git {info.get('git_hash') or 'unknown'}{dirty}, {built})"
+    lock = (info.get("lock_sha256") or "unknown")[:12]
+    git = info.get("git_hash") or "unknown"
+    return f"{program} {info['version']} (git {git}{dirty}, {built}, lock {lock})"
 
 
 def _git(*args: str) -> str | None:

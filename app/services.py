@@ -169,6 +169,8 @@ class Services:
             "build": {
                 "git_hash": info.get("git_hash"),
                 "git_dirty": info.get("git_dirty"),
+                # sha256 of the uv.lock the build (or the venv) was installed from
+                "lock_sha256": info.get("lock_sha256"),
                 "build_timestamp": info.get("build_timestamp"),
                 "python": info["python"],
             },

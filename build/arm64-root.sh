@@ -14,6 +14,7 @@
 #   and also left as a plain file at <root>/proc/cpuinfo, which qemu-user finds through
 #   QEMU_LD_PREFIX when the binaries run on the host (/proc is not mounted there then).
 # - pip inside the root must trust the same extra CA certificates as the host.
+# - Its venv holds exactly requirements/build.txt (the lock), installed with hashes required.
 # - Every mount is made in a private mount namespace (unshare), so none outlives a run, even one
 #   that fails half-way.
 set -euo pipefail
@@ -136,17 +137,22 @@ refresh() {
     fi
 }
 
+# The lock's build requirements (requirements/build.txt: the service's dependencies and
+# PyInstaller), hashes required; reinstalled when the file changes. A venv made before the lock
+# (from unpinned requirements) is made anew: nothing in it may come from outside the lock.
 python_env() {
     local wanted
-    wanted=$(python3 "$REPO/build/frozen_requirements.py")
+    wanted=$(cat "$REPO/requirements/build.txt")
     if [ "$(cat "$ROOT$VENV/requirements.txt" 2>/dev/null)" == "$wanted" ]; then
         return 0
     fi
-    say "installing the project's dependencies and PyInstaller into $VENV (aarch64 wheels)"
+    say "installing requirements/build.txt into $VENV (aarch64 wheels, hashes required)"
+    if ! grep -q -- '--hash=' "$ROOT$VENV/requirements.txt" 2>/dev/null; then
+        rm -rf "${ROOT:?}$VENV"
+    fi
     [ -x "$ROOT$VENV/bin/python" ] || in_root "$ROOT" python3 -m venv "$VENV"
-    echo "$wanted" >"$ROOT/tmp/smally-requirements.txt"
-    in_root "$ROOT" "$VENV/bin/pip" install --quiet --only-binary=:all: \
-        -r /tmp/smally-requirements.txt >&2
+    in_root "$ROOT" "$VENV/bin/pip" install --quiet --require-hashes --no-deps --only-binary=:all: \
+        -r /src/requirements/build.txt >&2
     echo "$wanted" >"$ROOT$VENV/requirements.txt"
 }
 

@@ -32,7 +32,7 @@ echo "build-arm64: route $route, into $OUT"
 
 # Build info comes from the host's git: neither the image nor the root has the repository's .git.
 info=$(python3 build/build_binaries.py --print-build-info)
-export SMALLY_GIT_HASH SMALLY_GIT_DIRTY SMALLY_BUILD_TIMESTAMP
+export SMALLY_GIT_HASH SMALLY_GIT_DIRTY SMALLY_GIT_DIFF_SHA256 SMALLY_LOCK_SHA256 SMALLY_BUILD_TIMESTAMP
 eval "$info"
 
 case "$route" in
@@ -42,6 +42,7 @@ native)
 docker)
     docker buildx build --platform linux/arm64 --file build/Dockerfile.arm64 \
         --build-arg SMALLY_GIT_HASH --build-arg SMALLY_GIT_DIRTY \
+        --build-arg SMALLY_GIT_DIFF_SHA256 --build-arg SMALLY_LOCK_SHA256 \
         --build-arg SMALLY_BUILD_TIMESTAMP --output "type=local,dest=$OUT" .
     ;;
 root)
@@ -55,7 +56,8 @@ root)
         ;;
     esac
     build/arm64-root.sh exec /usr/bin/env SMALLY_GIT_HASH="$SMALLY_GIT_HASH" \
-        SMALLY_GIT_DIRTY="$SMALLY_GIT_DIRTY" SMALLY_BUILD_TIMESTAMP="$SMALLY_BUILD_TIMESTAMP" \
+        SMALLY_GIT_DIRTY="$SMALLY_GIT_DIRTY" SMALLY_GIT_DIFF_SHA256="$SMALLY_GIT_DIFF_SHA256" \
+        SMALLY_LOCK_SHA256="$SMALLY_LOCK_SHA256" SMALLY_BUILD_TIMESTAMP="$SMALLY_BUILD_TIMESTAMP" \
         /opt/smally-venv/bin/python /src/build/build_binaries.py \
         --dist "/src/${OUT#"$REPO"/}" --work /src/.cache/pyinstaller/aarch64
     ;;

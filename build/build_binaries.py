@@ -2,8 +2,10 @@
 
 The one build script of every route: the host's venv (`make build`), the Debian arm64 root under
 qemu and the ARM64 Docker image (`make build ARCH=arm64`) all run it with a Python that has the
-project's dependencies and PyInstaller. It writes the build info the binaries embed, builds both,
-checks the highest glibc they need (build/glibc_check.py) and prints their sizes.
+project's dependencies and PyInstaller, installed from the lock (requirements/build.txt, checked
+here). It writes the build info the binaries embed, builds both, checks the highest glibc they need
+(build/glibc_check.py), prints their sizes and writes the stamp BUILD.json beside them
+(build/stamp.py), which `make deploy` compares with the working tree.
 
     python build/build_binaries.py --dist dist
 """
@@ -26,41 +28,67 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "build"))
 
 from glibc_check import DEFAULT_CEILING, ceiling, version_key  # noqa: E402
+from lock import lock_sha256  # noqa: E402
+from stamp import working_tree, write  # noqa: E402
 
 from app import __version__  # noqa: E402
 
 PROGRAMS = ("api", "create_api_key")
-
-
-def _git(*args: str) -> str | None:
-    try:
-        result = subprocess.run(
-            ["git", "-C", str(REPO), *args], capture_output=True, text=True, check=True
-        )
-    except (OSError, subprocess.CalledProcessError):
-        return None
-    return result.stdout.strip()
+LOCKED = REPO / "requirements" / "build.txt"
+# The build info from the host, for a route that builds where there is no git (a Docker context,
+# the arm64 root): build/build-arm64.sh passes --print-build-info's output on.
+FROM_HOST = {
+    "git_hash": "SMALLY_GIT_HASH",
+    "git_dirty": "SMALLY_GIT_DIRTY",
+    "git_diff_sha256": "SMALLY_GIT_DIFF_SHA256",
+    "lock_sha256": "SMALLY_LOCK_SHA256",
+    "build_timestamp": "SMALLY_BUILD_TIMESTAMP",
+}
+# Only in the stamp: /health and --version say dirty or not, the stamp also which changes.
+STAMP_ONLY = ("git_diff_sha256",)
 
 
 def build_info() -> dict[str, object]:
-    """Version, git hash, dirty flag and build time: from git, or from SMALLY_GIT_* variables
-    (set by a route that builds where there is no git, such as a Docker context)."""
-    git_hash = os.environ.get("SMALLY_GIT_HASH") or _git("rev-parse", "--short=12", "HEAD")
-    dirty_env = os.environ.get("SMALLY_GIT_DIRTY")
-    if dirty_env is not None:
-        dirty: bool | None = dirty_env.lower() in ("1", "true") if dirty_env else None
-    else:
-        status = _git("status", "--porcelain", "--untracked-files=no")
-        dirty = None if status is None else bool(status)
-    timestamp = os.environ.get("SMALLY_BUILD_TIMESTAMP") or datetime.now(UTC).strftime(
+    """Version, git hash, dirty flag, lock hash and build time: from the checkout, or from the
+    SMALLY_* variables of FROM_HOST when they are set."""
+    info: dict[str, object] = {"version": __version__}
+    if os.environ.get("SMALLY_GIT_HASH") is None:
+        info.update(working_tree())
+        info["build_timestamp"] = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        return info
+    for key, name in FROM_HOST.items():
+        info[key] = os.environ.get(name) or None
+    dirty = info["git_dirty"]
+    info["git_dirty"] = None if dirty is None else str(dirty).lower() in ("1", "true")
+    info["lock_sha256"] = info["lock_sha256"] or lock_sha256()  # the Docker context has uv.lock
+    info["build_timestamp"] = info["build_timestamp"] or datetime.now(UTC).strftime(
         "%Y-%m-%dT%H:%M:%SZ"
     )
-    return {
-        "version": __version__,
-        "git_hash": git_hash,
-        "git_dirty": dirty,
-        "build_timestamp": timestamp,
-    }
+    return info
+
+
+def unlocked_packages(requirements: Path = LOCKED) -> list[str]:
+    """The packages of requirements/build.txt that this Python does not have at the locked
+    version: a frozen binary is built from the lock or not at all."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    from packaging.markers import Marker
+
+    wrong = []
+    for line in requirements.read_text().splitlines():
+        if not line or line[0] in "# ":  # comments, and the --hash and `# via` lines
+            continue
+        requirement, _, marker = line.rstrip(" \\").partition(";")
+        name, _, pinned = requirement.strip().partition("==")
+        if marker.strip() and not Marker(marker.strip()).evaluate():
+            continue
+        try:
+            installed = version(name)
+        except PackageNotFoundError:
+            installed = "missing"
+        if installed != pinned:
+            wrong.append(f"{name} {installed} (locked: {pinned})")
+    return wrong
 
 
 def human(size: int) -> str:
@@ -84,18 +112,28 @@ def main() -> int:
     parser.add_argument("--max-glibc", default=DEFAULT_CEILING, help="highest glibc allowed")
     args = parser.parse_args()
 
+    info = build_info()
     if args.print_build_info:
-        info = build_info()
-        dirty = {True: "true", False: "false", None: ""}[info["git_dirty"]]  # type: ignore[index]
-        print(f"SMALLY_GIT_HASH={shlex.quote(str(info['git_hash'] or ''))}")
-        print(f"SMALLY_GIT_DIRTY={dirty}")
-        print(f"SMALLY_BUILD_TIMESTAMP={shlex.quote(str(info['build_timestamp']))}")
+        for key, name in FROM_HOST.items():
+            value = {True: "true", False: "false", None: ""}.get(info[key], info[key])  # type: ignore[call-overload]
+            print(f"{name}={shlex.quote(str(value))}")
         return 0
 
+    wrong = unlocked_packages()
+    if wrong:
+        print(
+            f"{sys.executable} does not have the locked packages of {LOCKED.relative_to(REPO)}: "
+            + ", ".join(wrong)
+            + " (`make install` installs them)",
+            file=sys.stderr,
+        )
+        return 1
     args.work.mkdir(parents=True, exist_ok=True)
     info_file = args.work / "_build_info.json"  # the bundled file must have this name
-    info_file.write_text(json.dumps(build_info(), indent=2) + "\n")
-    print(f"build info: {json.loads(info_file.read_text())}", flush=True)
+    bundled = {key: value for key, value in info.items() if key not in STAMP_ONLY}
+    info_file.write_text(json.dumps(bundled, indent=2) + "\n")
+    print(f"build info: {bundled}", flush=True)
+    (args.dist / "BUILD.json").unlink(missing_ok=True)  # no stamp until the binaries are good
 
     env = {**os.environ, "SMALLY_BUILD_INFO": str(info_file.resolve())}
     for program in PROGRAMS:
@@ -142,7 +180,10 @@ def main() -> int:
         if not ok:
             path.unlink()  # never leave a binary behind that the oldest target cannot run
             failed = True
-    return 1 if failed else 0
+    if failed:
+        return 1
+    print(f"stamp: {write(args.dist, info, platform.machine())}")
+    return 0
 
 
 if __name__ == "__main__":

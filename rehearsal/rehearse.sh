@@ -237,7 +237,7 @@ else
 fi
 # The x86_64 build, copied: a `make build` started elsewhere meanwhile cannot pull it away.
 mkdir -p "$STAGE/dist"
-cp -a "$REPO/dist/api" "$REPO/dist/create_api_key" "$REPO/dist/models" "$STAGE/dist/" 2>/dev/null ||
+cp -a "$REPO/dist/api" "$REPO/dist/create_api_key" "$REPO/dist/models" "$REPO/dist/BUILD.json" "$STAGE/dist/" 2>/dev/null ||
     log "dist/ is incomplete: the playbook's preflight will say what to build"
 
 # A TLS certificate for smally.test and 127.0.0.1, placed where certbot's would be.

@@ -3,6 +3,7 @@ otherwise empty directory, a `.env`, no Python and no virtualenv on PATH."""
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import os
 import re
@@ -35,7 +36,8 @@ version_key = _glibc_check.version_key
 
 VERSION_LINE = re.compile(
     r"^(?P<program>\w+) (?P<version>\d+\.\d+\.\d+\S*) "
-    r"\(git (?P<hash>[0-9a-f]{12})(?P<dirty>-dirty)?, (?P<built>\d{4}-\d\d-\d\dT[\d:]+Z)\)$"
+    r"\(git (?P<hash>[0-9a-f]{12})(?P<dirty>-dirty)?, (?P<built>\d{4}-\d\d-\d\dT[\d:]+Z), "
+    r"lock (?P<lock>[0-9a-f]{12})\)$"
 )
 
 
@@ -52,6 +54,11 @@ def make(*args: str, env: dict[str, str] | None = None, timeout: float = 1200) -
     )
     assert result.returncode == 0, f"make {' '.join(args)} failed:\n{result.stdout[-6000:]}"
     return result.stdout
+
+
+def lock_sha256() -> str:
+    """The sha256 of the repository's uv.lock, which a build records (BUILD.json, --version)."""
+    return hashlib.sha256((REPO / "uv.lock").read_bytes()).hexdigest()
 
 
 def git_head() -> str:

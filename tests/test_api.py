@@ -141,7 +141,7 @@ def test_health_and_index(api: ApiProcess) -> None:
     assert body["checks"] == {"database": "ok", "redis": "ok", "model": "ok"}
     assert body["model"] == "all-MiniLM-L6-v2"
     assert body["version"]
-    assert {"git_hash", "build_timestamp", "python"} <= set(body["build"])
+    assert {"git_hash", "lock_sha256", "build_timestamp", "python"} <= set(body["build"])
     assert "POST /v1/embed" in index.json()["endpoints"]
 
 

@@ -3,6 +3,7 @@ empty directory outside the repository, configured by `.env` alone, no venv on P
 
 from __future__ import annotations
 
+import json
 import platform
 import re
 import signal
@@ -25,6 +26,7 @@ from tests.frozen import (
     deploy,
     embed_latency_ms,
     git_head,
+    lock_sha256,
     make,
     rss_kib,
     run,
@@ -45,6 +47,10 @@ def dist() -> Path:
         assert f"dist/{program}" in output  # the sizes are printed
         assert (DIST / program).is_file()
     assert (DIST / "models" / MODEL_NAME / "model.onnx").is_file()
+    # The stamp beside the binaries says what they were built from (`make deploy` compares it).
+    stamp = json.loads((DIST / "BUILD.json").read_text())
+    assert stamp["git_hash"] == git_head() and stamp["lock_sha256"] == lock_sha256()
+    assert stamp["arch"] == platform.machine()
     return DIST
 
 
@@ -101,6 +107,7 @@ def test_frozen_binaries_serve_from_an_empty_directory(
         match = VERSION_LINE.match(shown.stdout.strip())
         assert match, shown.stdout
         assert (match["program"], match["hash"]) == (program, head)
+        assert match["lock"] == lock_sha256()[:12]  # the lock the binary was built from
 
     # An empty database: the migrations come out of the binary.
     created = run(["./create_api_key", "frozen@example.com", "pro"], workdir, env)
@@ -117,6 +124,7 @@ def test_frozen_binaries_serve_from_an_empty_directory(
         startup, health = api.time_to_healthy(timeout=60)
         assert health["status"] == "healthy"
         assert health["build"]["git_hash"] == head and health["build"]["build_timestamp"]
+        assert health["build"]["lock_sha256"] == lock_sha256()
         assert health["version"] == match["version"]
         cases = load_reference()["cases"]
         with api.client(key) as client:

@@ -4,6 +4,7 @@ does, after `make test`); it needs root, for the arm64 root and binfmt_misc."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -23,6 +24,7 @@ from tests.frozen import (
     ceiling,
     deploy,
     git_head,
+    lock_sha256,
     make,
     rss_kib,
     run,
@@ -79,6 +81,9 @@ def test_arm64_api_serves_under_qemu(dist: Path, servers: Servers, tmp_path: Pat
     assert shown.returncode == 0, shown.stderr
     match = VERSION_LINE.match(shown.stdout.strip())
     assert match and match["hash"] == git_head(), shown.stdout
+    assert match["lock"] == lock_sha256()[:12]
+    stamp = json.loads((dist / "BUILD.json").read_text())
+    assert (stamp["arch"], stamp["lock_sha256"]) == ("aarch64", lock_sha256())
 
     created = run(["./create_api_key", "arm64@example.com"], workdir, env, timeout=300)
     assert created.returncode == 0, created.stderr
