@@ -35,19 +35,20 @@ def built() -> None:
         pytest.fail("the browser tools are missing: run `make browser-tools`")
 
 
+def run_browser_script(script: str, *args: str) -> dict:
+    """Run tests/browser/`script` under node; it prints its report as one JSON object."""
+    result = subprocess.run(
+        ["node", script, *args], cwd=BROWSER_DIR, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-5000:]
+    return json.loads(result.stdout)
+
+
 def open_in_chromium(url: str, screenshot: Path, profile: Path) -> dict:
     """What Chromium saw at `url` (tests/browser/docs_page.mjs), its screenshot in `screenshot`."""
     screenshot.parent.mkdir(parents=True, exist_ok=True)
     screenshot.unlink(missing_ok=True)
-    result = subprocess.run(
-        ["node", "docs_page.mjs", url, str(screenshot), str(profile)],
-        cwd=BROWSER_DIR,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stderr[-5000:]
-    return json.loads(result.stdout)
+    return run_browser_script("docs_page.mjs", url, str(screenshot), str(profile))
 
 
 def test_docs_page_renders_in_chromium_with_no_failed_request(
@@ -194,15 +195,9 @@ def page_origin(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 def call_from_page(page_origin: str, profile: Path, calls: list[dict]) -> dict:
     """What fetch() on a page of `page_origin` got for each call (browser/cross_origin.mjs)."""
-    result = subprocess.run(
-        ["node", "cross_origin.mjs", f"{page_origin}/index.html", str(profile), json.dumps(calls)],
-        cwd=BROWSER_DIR,
-        capture_output=True,
-        text=True,
-        timeout=300,
+    return run_browser_script(
+        "cross_origin.mjs", f"{page_origin}/index.html", str(profile), json.dumps(calls)
     )
-    assert result.returncode == 0, result.stderr[-5000:]
-    return json.loads(result.stdout)
 
 
 def test_a_page_on_another_origin_calls_the_api_only_when_allowed(

@@ -9,7 +9,7 @@
 // POST with Content-Type: application/json (and Authorization when a key is given), so the
 // browser sends a CORS preflight first. An outcome is {ok, status, body, remaining} when the
 // browser let the page read the answer, or {error} (a TypeError) when CORS refused it.
-import playwright from "playwright-core";
+import { launch, TIMEOUT_MS } from "./chromium.mjs";
 
 const [pageUrl, userDataDir, callsJson] = process.argv.slice(2);
 if (!pageUrl || !userDataDir || !callsJson) {
@@ -17,24 +17,8 @@ if (!pageUrl || !userDataDir || !callsJson) {
   process.exit(2);
 }
 const calls = JSON.parse(callsJson);
-const TIMEOUT_MS = 90_000; // a shared 2-core machine: generous, only a hang should reach it
 
-const context = await playwright.chromium.launchPersistentContext(userDataDir, {
-  executablePath: process.env.CHROMIUM || "/usr/bin/chromium",
-  headless: true,
-  args: [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--disable-dev-shm-usage",
-  ],
-  timeout: TIMEOUT_MS,
-});
+const context = await launch(userDataDir);
 
 const report = { page: pageUrl, origin: null, outcomes: {}, console: [] };
 try {

@@ -6,7 +6,7 @@
 //
 // Every request, failed request, 4xx/5xx answer, console error and uncaught page error is
 // recorded; a request to any other origin counts as external (the page must work offline).
-import playwright from "playwright-core";
+import { launch, TIMEOUT_MS } from "./chromium.mjs";
 
 const [url, screenshot, userDataDir] = process.argv.slice(2);
 if (!url || !screenshot || !userDataDir) {
@@ -14,27 +14,8 @@ if (!url || !screenshot || !userDataDir) {
   process.exit(2);
 }
 const origin = new URL(url).origin;
-const TIMEOUT_MS = 90_000; // a shared 2-core machine: generous, only a hang should reach it
 
-// Without the background-networking flags Chromium tries to reach Google's services (there is
-// no internet here) and logs the failures.
-const context = await playwright.chromium.launchPersistentContext(userDataDir, {
-  executablePath: process.env.CHROMIUM || "/usr/bin/chromium",
-  headless: true,
-  args: [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--disable-dev-shm-usage",
-  ],
-  viewport: { width: 1280, height: 900 },
-  timeout: TIMEOUT_MS,
-});
+const context = await launch(userDataDir, { viewport: { width: 1280, height: 900 } });
 
 const report = {
   url,
