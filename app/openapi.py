@@ -17,7 +17,7 @@ from starlette.responses import Response
 from app import errors
 from app.buildinfo import build_info
 from app.config import Settings
-from app.engine import ModelManifest
+from app.engine import COUNT_WORDS_AFTER_CHARS, ModelManifest
 from app.openai_api import MAX_INPUTS, accepted_model_names
 from app.services import Services
 
@@ -490,7 +490,8 @@ def _schemas(model: str, dimension: int) -> dict[str, Any]:
             "description": "Every error: a stable `error` code and a message for people. Some "
             "carry details (`param`, `max_tokens`, `tokens`, `tokens_at_least`, `index`, "
             "`max_bytes`, `limit`, `reset_at`). `text_too_long` has `tokens` when the text was "
-            "tokenized, `tokens_at_least` when counting its words already showed it too long.",
+            "tokenized, `tokens_at_least` when counting the words of a text over "
+            f"{COUNT_WORDS_AFTER_CHARS:,} characters already showed it too long.",
             "required": ["error", "message"],
             "properties": {
                 "error": {"type": "string", "enum": _all_codes()},

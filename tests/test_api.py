@@ -109,7 +109,7 @@ def test_text_too_long_is_refused_not_truncated(api: ApiProcess, key: str) -> No
     assert over.status_code == 400
     assert error_of(over) == "text_too_long"
     assert over.json()["max_tokens"] == 128 and over.json()["tokens"] == 129
-    # Refused by counting words (5,000 words > 126), before the tokenizer sees it.
+    # Over 10,000 characters: refused by counting words (5,000 > 126), never tokenized.
     assert error_of(far_over) == "text_too_long" and "tokens" not in far_over.json()
     assert far_over.json()["tokens_at_least"] == 129
 
