@@ -45,7 +45,12 @@ ARM64_ROOT = Path(
 @pytest.fixture(scope="module")
 def dist() -> Path:
     started = time.monotonic()
-    output = make("build", "ARCH=arm64", env={**os.environ, "SMALLY_ARM64_ROUTE": "root"})
+    # From nothing, debootstrap and the locked venv under qemu-user took ~26 min on a loaded
+    # 2-core machine, before PyInstaller; with the root cached the build is ~10 min there. The
+    # timeout only catches a hang.
+    output = make(
+        "build", "ARCH=arm64", env={**os.environ, "SMALLY_ARM64_ROUTE": "root"}, timeout=3000
+    )
     print(f"\nmake build ARCH=arm64: {time.monotonic() - started:.0f} s")
     assert "route root" in output
     for program in PROGRAMS:
