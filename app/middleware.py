@@ -166,13 +166,9 @@ def _has_body(scope: Scope) -> bool:
 
 
 def _request_id(scope: Scope) -> str:
-    for name, value in scope["headers"]:
-        if name == b"x-request-id":
-            candidate = value.decode("latin-1")
-            if _CLIENT_REQUEST_ID.match(candidate):
-                return candidate
-            break
-    return uuid.uuid4().hex
+    value = _header(scope, b"x-request-id")
+    candidate = value.decode("latin-1") if value is not None else ""
+    return candidate if _CLIENT_REQUEST_ID.match(candidate) else uuid.uuid4().hex
 
 
 class CorsMiddleware:
