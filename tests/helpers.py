@@ -19,8 +19,8 @@ import httpx
 import numpy as np
 import psycopg
 
-from app.auth import Principal
 from app.config import Settings
+from app.serving.auth import Principal
 
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent

@@ -9,19 +9,19 @@ import httpx
 import numpy as np
 import pytest
 
-from app.batching import BatchingQueue, Overloaded
-from app.engine import Embedder
+from app.model.batching import BatchingQueue, QueueFull
+from app.model.engine import Engine
 from tests.helpers import MODEL_PATH, ApiProcess, cosine, create_key, load_reference
 
 CASES = load_reference()["cases"]
 
 
 @pytest.fixture(scope="module")
-def embedder() -> Embedder:
-    return Embedder(MODEL_PATH, max_tokens=128)
+def embedder() -> Engine:
+    return Engine(MODEL_PATH, max_tokens=128)
 
 
-def run(embedder: Embedder, coro_factory, **queue_options):
+def run(embedder: Engine, coro_factory, **queue_options):
     runs: list[int] = []
 
     async def main():
@@ -84,7 +84,7 @@ def test_a_full_queue_refuses_instead_of_queueing(embedder) -> None:
         )
 
     results, _ = run(embedder, flood, max_queue_tokens=1000)
-    refused = [r for r in results if isinstance(r, Overloaded)]
+    refused = [r for r in results if isinstance(r, QueueFull)]
     served = [r for r in results if isinstance(r, np.ndarray)]
     assert refused and served and len(refused) + len(served) == 20
 

@@ -15,7 +15,7 @@ import psycopg
 import pytest
 import redis
 
-from app.devservers import LocalPostgres, LocalRedis
+from dev.servers import LocalPostgres, LocalRedis
 from tests.conftest import Servers
 from tests.helpers import (
     ApiProcess,

@@ -7,8 +7,8 @@ import gc
 
 import numpy as np
 
-from app.cache import EmbeddingCache
-from app.redis_link import RedisLink
+from app.serving.cache import EmbeddingCache
+from app.serving.redis_link import RedisLink
 from tests.helpers import ApiProcess, create_key
 
 DIMENSION = 384

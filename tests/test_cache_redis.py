@@ -4,7 +4,7 @@ from pathlib import Path
 
 import redis
 
-from app.devservers import LocalRedis
+from dev.servers import LocalRedis
 from tests.helpers import ApiProcess, base_env, create_key
 
 

@@ -13,7 +13,7 @@ import pytest
 from starlette.testclient import TestClient
 
 from app.config import ConfigError, Settings
-from app.server import create_app
+from app.http.app import create_app
 from tests.helpers import create_key
 
 PAGE = "https://app.example.com"

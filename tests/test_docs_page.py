@@ -17,7 +17,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from app.docs import ASSETS_DIR, MEDIA_TYPES
+from app.http.docs import ASSETS_DIR, MEDIA_TYPES
 from tests.helpers import REPO, ApiProcess, create_key
 
 BROWSER_DIR = REPO / "tests" / "browser"

@@ -7,21 +7,21 @@ import random
 import numpy as np
 import pytest
 
-from app.engine import Embedder, TextTooLong, end_of_word
+from app.model.engine import Engine, TextTooLong, end_of_word
 from tests.helpers import MODEL_PATH, cosine, load_reference
 
 
 @pytest.fixture(scope="module")
-def embedder() -> Embedder:
-    return Embedder(MODEL_PATH, max_tokens=128)
+def embedder() -> Engine:
+    return Engine(MODEL_PATH, max_tokens=128)
 
 
-def test_tokenizes_without_padding_or_truncation(embedder: Embedder) -> None:
+def test_tokenizes_without_padding_or_truncation(embedder: Engine) -> None:
     assert [len(ids) for ids in embedder.tokenize(["a", "a b c"])] == [3, 5]
     assert embedder.tokenizer.truncation is None and embedder.tokenizer.padding is None
 
 
-def test_pads_each_batch_to_its_longest_input(embedder: Embedder) -> None:
+def test_pads_each_batch_to_its_longest_input(embedder: Engine) -> None:
     shapes: list[tuple[int, ...]] = []
     run = embedder.session.run
 
@@ -37,7 +37,7 @@ def test_pads_each_batch_to_its_longest_input(embedder: Embedder) -> None:
     assert shapes == [(2, 5)]
 
 
-def test_batch_equals_singles(embedder: Embedder) -> None:
+def test_batch_equals_singles(embedder: Engine) -> None:
     cases = load_reference()["cases"]
     texts = [c["text"] for c in cases]
     batch = embedder.embed(texts)
@@ -48,7 +48,7 @@ def test_batch_equals_singles(embedder: Embedder) -> None:
         assert cosine(batch.vectors[i], cases[i]["embedding"]) >= 0.99999
 
 
-def test_over_long_input_is_refused_with_its_full_count(embedder: Embedder) -> None:
+def test_over_long_input_is_refused_with_its_full_count(embedder: Engine) -> None:
     # 64 words of 3 pieces each: too few words for the word count to tell, so it is tokenized.
     with pytest.raises(TextTooLong) as info:
         embedder.embed(["short", " ".join(["a.b"] * 64)])
@@ -56,7 +56,7 @@ def test_over_long_input_is_refused_with_its_full_count(embedder: Embedder) -> N
     assert info.value.exact
 
 
-def test_many_words_are_refused_before_tokenizing(embedder: Embedder) -> None:
+def test_many_words_are_refused_before_tokenizing(embedder: Engine) -> None:
     text = "The quick brown fox jumps over the lazy dog. " * 25_000  # 1.1 MB
     with pytest.raises(TextTooLong) as info:
         embedder.tokenize(["short", text])
@@ -73,7 +73,7 @@ _NASTY = list(
 )
 
 
-def test_the_word_count_never_exceeds_the_word_pieces(embedder: Embedder) -> None:
+def test_the_word_count_never_exceeds_the_word_pieces(embedder: Engine) -> None:
     """Sound on 5,000 random texts of the characters most likely to break it."""
     rng = random.Random(16)
     for _ in range(5_000):
@@ -85,7 +85,7 @@ def test_the_word_count_never_exceeds_the_word_pieces(embedder: Embedder) -> Non
 def test_truncating_after_the_word_count_keeps_the_same_pieces() -> None:
     """A long text cut at a word end (truncate=true) gives the pieces of cutting the whole."""
     # 10 pieces: many random texts go over; words counted in every text, however short.
-    small = Embedder(MODEL_PATH, max_tokens=12, count_words_after=0)
+    small = Engine(MODEL_PATH, max_tokens=12, count_words_after=0)
     rng = random.Random(11)
     cut = 0
     for _ in range(2_000):

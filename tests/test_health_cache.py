@@ -6,9 +6,9 @@ from types import SimpleNamespace
 
 import psycopg
 
-from app.redis_link import RedisLink
-from app.services import Services
-from app.storage import open_pool
+from app.serving.postgres import open_pool
+from app.serving.redis_link import RedisLink
+from app.serving.services import Services
 
 
 async def _scenario(servers) -> None:

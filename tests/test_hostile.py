@@ -516,7 +516,7 @@ def test_nul_bytes_are_dropped_by_the_tokenizer(corpus: Corpus) -> None:
 
 
 def test_null_where_the_contract_allows_it(corpus: Corpus) -> None:
-    # The contract (app/openapi.py) has `dimensions` and `user` nullable: null is "not given".
+    # The contract (app/http/openapi.py) has `dimensions` and `user` nullable: null is "not given".
     body = {"model": MODEL, "input": f"{MARK} null", "dimensions": None, "user": None}
     with corpus.client(corpus.served) as client:
         response = client.post(OPENAI, json=body)

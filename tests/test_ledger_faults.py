@@ -7,8 +7,9 @@ import asyncio
 import psycopg
 import pytest
 
-from app.storage import apply_migrations, open_pool
-from app.usage import UsageRecorder
+from app.admin.migrations import apply_migrations
+from app.serving.postgres import open_pool
+from app.serving.usage import UsageRecorder
 from tests.helpers import new_user
 
 

@@ -14,7 +14,7 @@ import httpx
 import orjson
 import psycopg
 
-from app.devservers import LocalPostgres, LocalRedis
+from dev.servers import LocalPostgres, LocalRedis
 from tests.conftest import Servers
 from tests.helpers import ApiProcess, base_env, create_key, new_database
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from app.engine import Embedder
+from app.model.engine import Engine
 from tests.helpers import MODEL_PATH, REPO, build_tiny_model
 
 spec = importlib.util.spec_from_file_location("make_model", REPO / "build" / "make_model.py")
@@ -35,7 +35,7 @@ def test_graph_matches_a_numpy_forward_pass(tmp_path: Path) -> None:
 
 def test_tiny_model_is_served_by_the_same_engine(tmp_path: Path) -> None:
     out = build_tiny_model(tmp_path / "tiny-model")
-    embedder = Embedder(out, max_tokens=128)
+    embedder = Engine(out, max_tokens=128)
     assert embedder.manifest.name == "tiny-random"
     batch = embedder.embed(["hello world", "a"])
     assert batch.vectors.shape == (2, embedder.dimension)
@@ -73,7 +73,5 @@ def test_the_real_build_works_with_no_reference_file(tmp_path: Path) -> None:
     assert run.returncode == 0, run.stderr[-2000:]
     assert "no reference file" in run.stdout + run.stderr
     assert "batched vs single" in run.stdout + run.stderr
-    embedder = Embedder(out, max_tokens=256, threads=1)
-    assert (
-        embedder.manifest.onnx_sha256 == Embedder(MODEL_PATH, max_tokens=256).manifest.onnx_sha256
-    )
+    embedder = Engine(out, max_tokens=256, threads=1)
+    assert embedder.manifest.onnx_sha256 == Engine(MODEL_PATH, max_tokens=256).manifest.onnx_sha256

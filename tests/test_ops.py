@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 from app.config import Settings
-from app.usage import UsageRecorder
+from app.serving.usage import UsageRecorder
 
 ROOT = Path(__file__).resolve().parent.parent
 PASSWORD = "s3cret:p@ss"  # a throwaway value the test looks for
@@ -49,7 +49,7 @@ def test_nginx_drops_idle_upstream_connections_before_hypercorn() -> None:
     upstream = re.search(r"upstream smally_api \{(.*?)\n\}", conf, re.S)
     assert upstream
     nginx = re.search(r"keepalive_timeout\s+(\d+)s;", upstream.group(1))
-    serve = (ROOT / "app/serve.py").read_text()
+    serve = (ROOT / "app/http/runner.py").read_text()
     hypercorn = re.search(r"config\.keep_alive_timeout = (\d+)", serve)
     assert nginx and hypercorn
     print(f"nginx upstream keepalive_timeout {nginx.group(1)} s, hypercorn {hypercorn.group(1)} s")

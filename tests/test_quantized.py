@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from app.engine import Embedder
+from app.model.engine import Engine
 from tests.helpers import MODEL_PATH, REPO, cosine, load_reference
 
 MIN_COSINE = 0.99
@@ -68,7 +68,7 @@ def test_manifest_names_the_quantization_and_its_own_hash(built: tuple[Path, Pat
 def test_every_reference_case_keeps_its_direction(built: tuple[Path, Path]) -> None:
     _, out = built
     cases = load_reference()["cases"]
-    embedder = Embedder(out, max_tokens=128)
+    embedder = Engine(out, max_tokens=128)
     texts = [case["text"] for case in cases]
     batched = embedder.embed(texts)
     assert batched.token_counts == [case["tokens"] for case in cases]
@@ -89,8 +89,8 @@ def test_random_batches_stay_close_to_the_float_model(built: tuple[Path, Path]) 
     rng = random.Random(7)
     texts = [" ".join(rng.choices(WORDS, k=rng.randint(1, 24))) for _ in range(96)]
     texts += ["OK", "a", "42", "😀", "東京", "Straße"]
-    reference = Embedder(source, max_tokens=128).embed(texts).vectors
-    quantized = Embedder(out, max_tokens=128)
+    reference = Engine(source, max_tokens=128).embed(texts).vectors
+    quantized = Engine(out, max_tokens=128)
     order = list(range(len(texts)))
     for size in (7, 16, 64):
         rng.shuffle(order)

@@ -16,13 +16,14 @@ import pytest
 import redis
 import redis.asyncio as aioredis
 
-from app.auth import Principal
-from app.devservers import LocalRedis
-from app.errors import Overloaded
-from app.quota import QuotaExceeded, QuotaService
-from app.redis_link import RedisLink
-from app.storage import apply_migrations, open_pool
-from app.usage import UsageRecorder
+from app.admin.migrations import apply_migrations
+from app.serving.auth import Principal
+from app.serving.errors import Busy
+from app.serving.postgres import open_pool
+from app.serving.quota import QuotaExceeded, QuotaService
+from app.serving.redis_link import RedisLink
+from app.serving.usage import UsageRecorder
+from dev.servers import LocalRedis
 from tests.conftest import Servers
 from tests.helpers import ApiProcess, base_env, create_key, new_user
 
@@ -130,7 +131,7 @@ def test_a_busy_redis_pool_is_a_503_not_an_outage(servers: Servers) -> None:
             held = await link.client.connection_pool.get_connection("PING")
             try:
                 await quota.reserve(principal, 1, 3)
-            except Overloaded as exc:
+            except Busy as exc:
                 print(f"refused: {exc.code} {exc}")
             else:
                 raise AssertionError("a busy pool was taken as an outage and served")

@@ -36,12 +36,12 @@ import redis
 from prometheus_client.parser import text_string_to_metric_families
 from starlette.routing import Mount, Route
 
-from app import keys as app_keys
+from app.admin import keys as app_keys
+from app.admin.keys import create_key as create_key_in
 from app.config import Settings
-from app.devservers import LocalPostgres
-from app.keys import create_key as create_key_in
-from app.keys import hash_key
-from app.server import create_app
+from app.http.app import create_app
+from app.serving.auth import hash_key
+from dev.servers import LocalPostgres
 from tests.conftest import Servers
 from tests.helpers import ApiProcess, base_env, create_key, run_cli
 
@@ -616,7 +616,7 @@ def served_routes() -> list[tuple[str, str]]:
     value that names nothing: the answer to that must carry the headers too."""
     app = create_app(Settings(database_url="postgresql:///unused", redis_url="redis://unused"))
     served = []
-    for route in app.routes:
+    for route in app.http.embed:
         if isinstance(route, Route):
             path = re.sub(r"\{[^}]*\}", NOTHING, route.path)
             served += [(method, path) for method in sorted(route.methods or ())]

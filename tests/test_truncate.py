@@ -15,7 +15,7 @@ import psycopg
 import pytest
 from tokenizers import Tokenizer
 
-from app.engine import Embedder
+from app.model.engine import Engine
 from tests.helpers import MODEL_PATH, ApiProcess, cosine, create_key
 
 MAX_TOKENS = 128  # the service's default MAX_TOKENS
@@ -49,7 +49,7 @@ def scale_key(api: ApiProcess) -> str:
 
 
 def test_the_tokenizer_cuts_like_sentence_transformers() -> None:
-    embedder = Embedder(MODEL_PATH, max_tokens=16)
+    embedder = Engine(MODEL_PATH, max_tokens=16)
     full = embedder.tokenizer.encode(LONG_TEXT).ids
     (cut,) = embedder.tokenize([LONG_TEXT], truncate=True)
     assert cut == reference_ids(LONG_TEXT, 16) == full[:15] + full[-1:]

@@ -6,7 +6,6 @@ with a short display prefix; the plain key exists only in `create_api_key`'s out
 
 from __future__ import annotations
 
-import hashlib
 import re
 import secrets
 from dataclasses import dataclass
@@ -14,7 +13,9 @@ from datetime import datetime
 
 import psycopg
 
-TIERS = ("free", "pro", "scale")
+from app.config import TIERS
+from app.serving.auth import hash_key
+
 _EMAIL = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s.]+$")
 # How much of the key (after its prefix) is kept for display: enough to tell keys apart.
 _DISPLAY_CHARS = 8
@@ -26,10 +27,6 @@ class AccountError(Exception):
 
 def generate_key(prefix: str) -> str:
     return prefix + secrets.token_hex(32)
-
-
-def hash_key(key: str) -> str:
-    return hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()
 
 
 def display_prefix(key: str, prefix: str) -> str:

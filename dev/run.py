@@ -14,12 +14,13 @@ from pathlib import Path
 
 import psycopg
 
-from app.cli import load_settings, migrate_or_exit
+from app.admin.cli import load_settings, migrate_or_exit
+from app.admin.keys import create_key
 from app.config import read_dotenv
-from app.devservers import LocalPostgres, LocalRedis
-from app.keys import create_key, hash_key
+from app.http.runner import run
 from app.logs import configure_logging
-from app.serve import run
+from app.serving.auth import hash_key
+from dev.servers import LocalPostgres, LocalRedis
 
 STATE_DIR = Path(".smally")
 DEV_EMAIL = "dev@localhost.localdomain"

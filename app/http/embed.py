@@ -12,10 +12,8 @@ from psycopg_pool import PoolTimeout
 from starlette.requests import Request
 from starlette.responses import Response
 
-from app.auth import InvalidApiKey, Principal
-from app.batching import Overloaded
-from app.engine import TextTooLong
-from app.errors import (
+from app.http.body import read_json
+from app.http.errors import (
     ApiError,
     InvalidRequest,
     RateLimitExceeded,
@@ -23,14 +21,17 @@ from app.errors import (
     TextTooLongError,
     Unauthorized,
 )
-from app.errors import (
+from app.http.errors import (
     Overloaded as OverloadedError,
 )
-from app.pipeline import Served
-from app.quota import QuotaExceeded
-from app.request_body import read_json
-from app.responses import JSONResponse
-from app.services import Services
+from app.http.responses import JSONResponse
+from app.model.batching import QueueFull
+from app.model.engine import TextTooLong
+from app.serving.auth import InvalidApiKey, Principal
+from app.serving.errors import Busy
+from app.serving.pipeline import Served
+from app.serving.quota import QuotaExceeded
+from app.serving.services import Services
 
 _UNAVAILABLE = (psycopg.OperationalError, PoolTimeout)
 
@@ -168,8 +169,10 @@ async def serve(
         return await services.pipeline.serve(principal, token_ids, normalize=normalize)
     except QuotaExceeded as exc:
         raise rate_limited(services, exc) from None
-    except Overloaded as exc:
+    except QueueFull as exc:
         raise OverloadedError(f"too much work is queued ({exc}); retry shortly") from None
+    except Busy as exc:
+        raise OverloadedError(str(exc)) from None
     except _UNAVAILABLE:
         raise ServiceUnavailable("the database is unavailable; retry shortly") from None
 

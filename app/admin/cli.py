@@ -14,11 +14,11 @@ import click
 import psycopg
 from yoyo.exceptions import LockTimeout
 
-from app.billing import KeyUsage, monthly_usage, parse_month
+from app.admin.keys import AccountError, create_key, list_keys, normalize_email, revoke_key
+from app.admin.migrations import apply_migrations, migration_status
+from app.admin.usage_report import KeyUsage, monthly_usage, parse_month
 from app.buildinfo import version_line
 from app.config import ConfigError, Settings
-from app.keys import AccountError, create_key, list_keys, normalize_email, revoke_key
-from app.storage import apply_migrations, migration_status
 
 EXIT_CONFIG = 2
 T = TypeVar("T")
@@ -90,8 +90,8 @@ def api(ctx: click.Context) -> None:
 @api.command()
 def serve() -> None:
     """Apply pending migrations, then serve HTTP with hypercorn."""
+    from app.http.runner import run
     from app.logs import configure_logging
-    from app.serve import run
 
     settings = load_settings()
     configure_logging(settings.log_level)

@@ -16,7 +16,7 @@ from hypercorn.config import Config
 from hypercorn.run import run as hypercorn_run
 
 from app.config import Settings
-from app.engine import ModelError, ModelManifest
+from app.model.engine import ModelError, ModelManifest
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +28,7 @@ def hypercorn_config(settings: Settings) -> Config:
     host = f"[{settings.api_host}]" if ":" in settings.api_host else settings.api_host
     config.bind = [f"{host}:{settings.api_port}"]
     # Each worker process builds its own app and services from the environment.
-    config.application_path = "app.server:create_app_from_env()"
+    config.application_path = "app.http.app:create_app_from_env()"
     # workers=0 serves in this process; more start that many spawned processes.
     config.workers = 0 if settings.workers == 1 else settings.workers
     config.graceful_timeout = settings.shutdown_timeout

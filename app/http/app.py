@@ -12,13 +12,13 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from app import docs, openai_api, openapi, routes
 from app.config import Settings
-from app.errors import ApiError, InternalError, MethodNotAllowed, NotFound
+from app.http import docs, embed, openai, openapi
+from app.http.errors import ApiError, InternalError, MethodNotAllowed, NotFound
+from app.http.middleware import CorsMiddleware, RequestContextMiddleware
+from app.http.responses import error_response
 from app.metrics import Metrics
-from app.middleware import CorsMiddleware, RequestContextMiddleware
-from app.responses import error_response
-from app.services import Services
+from app.serving.services import Services
 
 
 def create_app(settings: Settings) -> Starlette:
@@ -34,12 +34,12 @@ def create_app(settings: Settings) -> Starlette:
             await services.stop()
 
     endpoints = [
-        Route("/", routes.index, methods=["GET"]),
-        Route("/health", routes.health, methods=["GET"]),
-        Route("/metrics", routes.metrics, methods=["GET"]),
-        Route("/v1/embed", routes.embed, methods=["POST"]),
-        Route("/v1/embeddings", openai_api.embeddings, methods=["POST"]),
-        Route("/v1/models", openai_api.models, methods=["GET"]),
+        Route("/", embed.index, methods=["GET"]),
+        Route("/health", embed.health, methods=["GET"]),
+        Route("/metrics", embed.metrics, methods=["GET"]),
+        Route("/v1/embed", embed.embed, methods=["POST"]),
+        Route("/v1/embeddings", openai.embeddings, methods=["POST"]),
+        Route("/v1/models", openai.models, methods=["GET"]),
         *docs.routes(),
         Route("/openapi.json", openapi.openapi_json, methods=["GET"]),
     ]

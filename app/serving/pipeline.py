@@ -12,11 +12,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from app.auth import Principal
-from app.batching import EmbeddingService
-from app.cache import EmbeddingCache
 from app.metrics import Metrics
-from app.quota import QuotaService, QuotaState
+from app.model.runner import EngineRunner
+from app.serving.auth import Principal
+from app.serving.cache import EmbeddingCache
+from app.serving.quota import QuotaService, QuotaState
 
 
 @dataclass(frozen=True, slots=True)
@@ -29,7 +29,7 @@ class Served:
 class EmbeddingPipeline:
     def __init__(
         self,
-        embeddings: EmbeddingService,
+        embeddings: EngineRunner,
         cache: EmbeddingCache,
         quota: QuotaService,
         metrics: Metrics,

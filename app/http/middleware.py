@@ -14,10 +14,10 @@ from collections.abc import Callable
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from app.errors import InternalError
+from app.http.errors import InternalError
+from app.http.responses import error_response
 from app.logs import request_id_var
 from app.metrics import Metrics
-from app.responses import error_response
 
 access_log = logging.getLogger("smally.access")
 log = logging.getLogger(__name__)

@@ -14,12 +14,12 @@ import orjson
 from starlette.requests import Request
 from starlette.responses import Response
 
-from app import errors
 from app.buildinfo import build_info
 from app.config import Settings
-from app.engine import COUNT_WORDS_AFTER_CHARS, ModelManifest
-from app.openai_api import MAX_INPUTS, accepted_model_names
-from app.services import Services
+from app.http import errors
+from app.http.openai import MAX_INPUTS, accepted_model_names
+from app.model.engine import COUNT_WORDS_AFTER_CHARS, ModelManifest
+from app.serving.services import Services
 
 JSON = "application/json"
 
@@ -64,7 +64,7 @@ def build_openapi(settings: Settings, manifest: ModelManifest, version: str) -> 
         "description": f"At most {settings.max_tokens} tokens including [CLS] and [SEP]; a longer "
         "text is refused (`text_too_long`) unless `truncate` is true, never silently truncated.",
     }
-    # Declared once, for both embedding endpoints (parsed once too: app.routes.parse_truncate).
+    # Declared once, for both embedding endpoints (parsed once too: app.http.embed.parse_truncate).
     truncate = {
         "type": "boolean",
         "default": False,

@@ -22,7 +22,7 @@ import orjson
 from starlette.datastructures import Headers
 from starlette.requests import ClientDisconnect, Request
 
-from app.errors import InvalidRequest, PayloadTooLarge, RequestTimeout, UnsupportedMediaType
+from app.http.errors import InvalidRequest, PayloadTooLarge, RequestTimeout, UnsupportedMediaType
 
 MEDIA_TYPE = "application/json"
 

@@ -7,7 +7,7 @@ from typing import Any
 import orjson
 from starlette.responses import Response
 
-from app.errors import ApiError
+from app.http.errors import ApiError
 
 # Endpoints that speak OpenAI's dialect, errors included.
 OPENAI_PATHS = ("/v1/embeddings", "/v1/models")

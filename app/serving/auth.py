@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import time
 from collections import OrderedDict
@@ -19,13 +20,16 @@ from dataclasses import dataclass
 
 from psycopg_pool import AsyncConnectionPool
 
-from app.keys import hash_key
-
 log = logging.getLogger(__name__)
 
 
 class InvalidApiKey(Exception):
     pass
+
+
+def hash_key(key: str) -> str:
+    """What is stored of a key, and looked up: its SHA-256 (`create_api_key` stores the same)."""
+    return hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()
 
 
 @dataclass(frozen=True, slots=True)

@@ -15,7 +15,7 @@ from starlette.requests import Request
 from starlette.responses import FileResponse, HTMLResponse, Response
 from starlette.routing import Route
 
-from app.errors import NotFound
+from app.http.errors import NotFound
 
 ASSETS_DIR = "docs_assets"
 # Its presence tells a built directory from a missing one (build.sh renames a finished one in).
@@ -75,7 +75,7 @@ def assets_directory() -> Path:
     bundle = getattr(sys, "_MEIPASS", None)
     if bundle is not None:
         return Path(bundle) / "app" / ASSETS_DIR
-    return Path(__file__).resolve().parent / ASSETS_DIR
+    return Path(__file__).resolve().parents[1] / ASSETS_DIR
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,7 +1,7 @@
 """The embedding engine: tokenize -> ONNX forward pass (mean pooling in the graph) -> normalise.
 
-It knows nothing of HTTP, and nothing of concurrency: `Embedder` is blocking and is driven
-from one thread by `app.batching.EmbeddingService`.
+It knows nothing of HTTP, and nothing of concurrency: `Engine` is blocking and is driven
+from one thread by `app.model.runner.EngineRunner`.
 """
 
 from __future__ import annotations
@@ -95,7 +95,7 @@ def l2_normalize(vectors: np.ndarray) -> np.ndarray:
     return vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
 
 
-class Embedder:
+class Engine:
     """Blocking engine around one ONNX Runtime session and one tokenizer."""
 
     def __init__(

@@ -14,10 +14,7 @@ import numpy as np
 from starlette.requests import Request
 from starlette.responses import Response
 
-from app.engine import l2_normalize
-from app.errors import InvalidRequest, ModelNotFound, TextTooLongError
-from app.responses import JSONResponse
-from app.routes import (
+from app.http.embed import (
     authenticate,
     json_body,
     parse_truncate,
@@ -27,7 +24,10 @@ from app.routes import (
     services_of,
     tokenize,
 )
-from app.services import Services
+from app.http.errors import InvalidRequest, ModelNotFound, TextTooLongError
+from app.http.responses import JSONResponse
+from app.model.engine import l2_normalize
+from app.serving.services import Services
 
 MAX_INPUTS = 2048
 _STARTED = int(time.time())

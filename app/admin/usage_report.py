@@ -7,8 +7,8 @@ from datetime import UTC, datetime
 
 import psycopg
 
-from app.keys import AccountError, normalize_email
-from app.quota import month_bounds
+from app.admin.keys import AccountError, normalize_email
+from app.serving.quota import month_bounds
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,4 +1,4 @@
-"""PostgreSQL: the connection pool and the embedded schema migrations.
+"""The embedded schema migrations (migrations/*.sql), applied with yoyo.
 
 The connection string goes to libpq untouched (it may be any libpq URI, including the unix-socket
 form `postgresql://user:@/db?host=/dir`); yoyo is given ready connections rather than the URL,
@@ -14,7 +14,6 @@ from datetime import datetime
 from pathlib import Path
 
 import psycopg
-from psycopg_pool import AsyncConnectionPool
 from yoyo import read_migrations
 from yoyo.backends.core.postgresql import PostgresqlPsycopgBackend
 from yoyo.connections import parse_uri
@@ -31,7 +30,7 @@ def migrations_dir() -> Path:
     bundle = getattr(sys, "_MEIPASS", None)
     if bundle is not None:
         return Path(bundle) / "migrations"
-    return Path(__file__).resolve().parent.parent / "migrations"
+    return Path(__file__).resolve().parents[2] / "migrations"
 
 
 class _LibpqBackend(PostgresqlPsycopgBackend):
@@ -99,26 +98,3 @@ def migration_status(database_url: str) -> list[MigrationStatus]:
         )
     applied = {row[0]: row[1] for row in rows}
     return [MigrationStatus(m.id, applied.get(m.id)) for m in migrations]
-
-
-async def open_pool(
-    database_url: str,
-    *,
-    max_size: int,
-    statement_timeout_ms: int = 10_000,
-    lock_timeout_ms: int = 5_000,
-) -> AsyncConnectionPool:
-    # Server-side limits, so a slow query or a queue on a lock (the quota fallback's advisory
-    # lock) gives its pool connection back instead of holding it indefinitely.
-    options = f"-c statement_timeout={statement_timeout_ms} -c lock_timeout={lock_timeout_ms}"
-    pool = AsyncConnectionPool(
-        database_url,
-        min_size=1,
-        max_size=max_size,
-        timeout=5.0,
-        open=False,
-        kwargs={"autocommit": True, "options": options},
-        name="smally",
-    )
-    await pool.open(wait=True, timeout=10.0)
-    return pool

@@ -31,10 +31,10 @@ import psycopg
 import redis.asyncio as aioredis
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
-from app.auth import Principal
-from app.errors import Overloaded
-from app.redis_link import RedisLink
-from app.usage import UsageRecorder
+from app.serving.auth import Principal
+from app.serving.errors import Busy
+from app.serving.redis_link import RedisLink
+from app.serving.usage import UsageRecorder
 
 log = logging.getLogger(__name__)
 
@@ -245,7 +245,7 @@ class QuotaService:
         """A busy connection pool is not an outage: answer 503 rather than fall back, since a
         fallback while other requests still consume in Redis would mix the two stores."""
         if isinstance(exc, aioredis.ConnectionError) and "No connection available" in str(exc):
-            raise Overloaded("all Redis connections are busy; retry shortly") from None
+            raise Busy("all Redis connections are busy; retry shortly") from None
         self.link.failed(exc)
 
     def _counter_key(self, user_id: int, month: datetime) -> str:

@@ -12,18 +12,18 @@ from typing import Any
 
 from psycopg_pool import AsyncConnectionPool
 
-from app.auth import Authenticator
-from app.batching import EmbeddingService
 from app.buildinfo import build_info
-from app.cache import EmbeddingCache
 from app.config import Settings
-from app.engine import Embedder
 from app.metrics import Metrics
-from app.pipeline import EmbeddingPipeline
-from app.quota import QuotaService
-from app.redis_link import RedisLink
-from app.storage import open_pool
-from app.usage import UsageRecorder
+from app.model.engine import Engine
+from app.model.runner import EngineRunner
+from app.serving.auth import Authenticator
+from app.serving.cache import EmbeddingCache
+from app.serving.pipeline import EmbeddingPipeline
+from app.serving.postgres import open_pool
+from app.serving.quota import QuotaService
+from app.serving.redis_link import RedisLink
+from app.serving.usage import UsageRecorder
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +36,7 @@ HEALTH_CHECK_TTL = 1.0
 @dataclass
 class Services:
     settings: Settings
-    embeddings: EmbeddingService
+    embeddings: EngineRunner
     pool: AsyncConnectionPool
     redis: RedisLink
     auth: Authenticator
@@ -58,7 +58,7 @@ class Services:
         # Loading the model (~0.5 s) and opening the pool overlap; neither blocks the loop.
         embedder_task = asyncio.create_task(
             asyncio.to_thread(
-                Embedder,
+                Engine,
                 settings.model_path,
                 max_tokens=settings.max_tokens,
                 threads=settings.onnx_threads,
@@ -78,7 +78,7 @@ class Services:
             on_dropped=metrics.usage_dropped.inc,
         )
         manifest = embedder.manifest
-        embeddings = EmbeddingService(
+        embeddings = EngineRunner(
             embedder,
             window=settings.batch_window_ms / 1000,
             max_batch_tokens=settings.max_batch_tokens,

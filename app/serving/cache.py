@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 import redis.asyncio as aioredis
 
-from app.redis_link import RedisLink
+from app.serving.redis_link import RedisLink
 
 
 @dataclass(frozen=True, slots=True)

@@ -6,28 +6,26 @@ giving late-comers at most `window` seconds to join when others are already wait
 sorted by length and cut into forward passes of `pass_rows`, so short texts are not padded to
 the longest of a mixed batch. One executor call per run keeps the
 event loop out of model work. The queue is bounded in tokens: past `max_queue_tokens` new work
-is refused (`Overloaded`) instead of building a backlog nobody will wait for.
+is refused (`QueueFull`) instead of building a backlog nobody will wait for.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import Executor, ThreadPoolExecutor
+from concurrent.futures import Executor
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from app.engine import Embedder, ModelManifest
-from app.memory import HeapTrimmer
+from app.model.engine import l2_normalize
 
 RunRows = Callable[[Sequence[Sequence[int]]], np.ndarray]
 
 
-class Overloaded(Exception):
+class QueueFull(Exception):
     """The queue holds more work than the engine can catch up with soon; retry shortly."""
 
 
@@ -75,13 +73,13 @@ class BatchingQueue:
         while not self._queue.empty():
             job = self._queue.get_nowait()
             if not job.future.done():
-                job.future.set_exception(Overloaded("the service is stopping"))
+                job.future.set_exception(QueueFull("the service is stopping"))
 
     async def submit(self, rows: Sequence[Sequence[int]], *, normalize: bool) -> np.ndarray:
         tokens = sum(len(row) for row in rows)
         # An empty queue takes any job, however large; otherwise the bound holds.
         if self.queued_tokens and self.queued_tokens + tokens > self.max_queue_tokens:
-            raise Overloaded(f"{self.queued_tokens} tokens are already waiting")
+            raise QueueFull(f"{self.queued_tokens} tokens are already waiting")
         job = _Job(rows, normalize, tokens, asyncio.get_running_loop().create_future())
         self.queued_tokens += tokens
         self._queue.put_nowait(job)
@@ -140,76 +138,6 @@ class BatchingQueue:
             vectors = pooled[offset : offset + len(job.rows)]
             offset += len(job.rows)
             if job.normalize:
-                vectors = vectors / np.maximum(
-                    np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12
-                )
+                vectors = l2_normalize(vectors)
             results.append(vectors)
         return results
-
-
-class EmbeddingService:
-    """The async front of the engine: tokenizing, and inference through the batching queue.
-
-    Model work runs on one dedicated thread (ONNX Runtime already spreads a pass over the
-    cores). Tokenizing a short input takes microseconds, less than a thread hop, so it runs
-    inline; long ones go to a thread of their own, never queueing behind inference.
-    """
-
-    INLINE_TOKENIZE_CHARS = 2048
-    # Past this many characters, the tokenizer's buffers are worth handing back to the OS.
-    TRIM_AFTER_CHARS = 64 * 1024
-
-    def __init__(
-        self,
-        embedder: Embedder,
-        *,
-        window: float = 0.001,
-        max_batch_tokens: int = 16_384,
-        max_queue_tokens: int = 262_144,
-        on_run: Callable[[int, float], None] = lambda rows, seconds: None,
-    ) -> None:
-        self.embedder = embedder
-        self._inference = ThreadPoolExecutor(max_workers=1, thread_name_prefix="onnx")
-        self._tokenizing = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenize")
-        self._heap = HeapTrimmer()
-        self.queue = BatchingQueue(
-            lambda rows: embedder.infer(rows, normalize=False),
-            self._inference,
-            window=window,
-            max_batch_tokens=max_batch_tokens,
-            max_queue_tokens=max_queue_tokens,
-            on_run=on_run,
-        )
-
-    @property
-    def manifest(self) -> ModelManifest:
-        return self.embedder.manifest
-
-    def start(self) -> None:
-        self.queue.start()
-
-    async def tokenize(self, texts: Sequence[str], *, truncate: bool = False) -> list[list[int]]:
-        chars = sum(len(t) for t in texts)
-        if chars <= self.INLINE_TOKENIZE_CHARS:
-            return self.embedder.tokenize(texts, truncate=truncate)
-        work = self._tokenize_and_trim if chars > self.TRIM_AFTER_CHARS else self.embedder.tokenize
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(
-            self._tokenizing, functools.partial(work, texts, truncate=truncate)
-        )
-
-    def _tokenize_and_trim(self, texts: Sequence[str], *, truncate: bool) -> list[list[int]]:
-        # A megabyte of text (a hostile one refused as too long, or 2,048 legitimate inputs)
-        # costs ~100 MB of tokenizer buffers; without this the process keeps them for good.
-        try:
-            return self.embedder.tokenize(texts, truncate=truncate)
-        finally:
-            self._heap.release()
-
-    async def infer(self, token_ids: Sequence[Sequence[int]], *, normalize: bool) -> np.ndarray:
-        return await self.queue.submit(token_ids, normalize=normalize)
-
-    async def stop(self) -> None:
-        await self.queue.stop()
-        self._inference.shutdown(wait=True, cancel_futures=False)
-        self._tokenizing.shutdown(wait=True, cancel_futures=False)
