@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from app.model.engine import Engine, TextTooLong, end_of_word
+from tests.embedding import embed
 from tests.helpers import MODEL_PATH, cosine, load_reference
 
 
@@ -31,7 +32,7 @@ def test_pads_each_batch_to_its_longest_input(embedder: Engine) -> None:
 
     embedder.session = type("Recorder", (), {"run": staticmethod(recording_run)})()
     try:
-        embedder.embed(["a", "a b c"])
+        embed(embedder, ["a", "a b c"])
     finally:
         embedder.session = run.__self__
     assert shapes == [(2, 5)]
@@ -40,10 +41,10 @@ def test_pads_each_batch_to_its_longest_input(embedder: Engine) -> None:
 def test_batch_equals_singles(embedder: Engine) -> None:
     cases = load_reference()["cases"]
     texts = [c["text"] for c in cases]
-    batch = embedder.embed(texts)
+    batch = embed(embedder, texts)
     assert batch.token_counts == [c["tokens"] for c in cases]
     for i, text in enumerate(texts):
-        single = embedder.embed([text])
+        single = embed(embedder, [text])
         np.testing.assert_allclose(batch.vectors[i], single.vectors[0], atol=1e-5)
         assert cosine(batch.vectors[i], cases[i]["embedding"]) >= 0.99999
 
@@ -51,7 +52,7 @@ def test_batch_equals_singles(embedder: Engine) -> None:
 def test_over_long_input_is_refused_with_its_full_count(embedder: Engine) -> None:
     # 64 words of 3 pieces each: too few words for the word count to tell, so it is tokenized.
     with pytest.raises(TextTooLong) as info:
-        embedder.embed(["short", " ".join(["a.b"] * 64)])
+        embed(embedder, ["short", " ".join(["a.b"] * 64)])
     assert (info.value.index, info.value.tokens, info.value.max_tokens) == (1, 194, 128)
     assert info.value.exact
 

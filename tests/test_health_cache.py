@@ -18,7 +18,7 @@ async def _scenario(servers) -> None:
     # Only what health() reads: the dependency checks run against the real servers.
     services = Services(
         settings=None,
-        embeddings=SimpleNamespace(manifest=SimpleNamespace(name="m")),
+        model=SimpleNamespace(manifest=SimpleNamespace(name="m")),
         pool=pool,
         redis=redis,
         auth=None,

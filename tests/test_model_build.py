@@ -12,6 +12,7 @@ import numpy as np
 import onnxruntime as ort
 
 from app.model.engine import Engine
+from tests.embedding import embed
 from tests.helpers import MODEL_PATH, REPO, build_tiny_model
 
 spec = importlib.util.spec_from_file_location("make_model", REPO / "build" / "make_model.py")
@@ -37,8 +38,8 @@ def test_tiny_model_is_served_by_the_same_engine(tmp_path: Path) -> None:
     out = build_tiny_model(tmp_path / "tiny-model")
     embedder = Engine(out, max_tokens=128)
     assert embedder.manifest.name == "tiny-random"
-    batch = embedder.embed(["hello world", "a"])
-    assert batch.vectors.shape == (2, embedder.dimension)
+    batch = embed(embedder, ["hello world", "a"])
+    assert batch.vectors.shape == (2, embedder.manifest.dimension)
     assert batch.token_counts == [4, 3]
 
 

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from app.model.engine import Engine
+from tests.embedding import embed
 from tests.helpers import MODEL_PATH, REPO, cosine, load_reference
 
 MIN_COSINE = 0.99
@@ -70,11 +71,11 @@ def test_every_reference_case_keeps_its_direction(built: tuple[Path, Path]) -> N
     cases = load_reference()["cases"]
     embedder = Engine(out, max_tokens=128)
     texts = [case["text"] for case in cases]
-    batched = embedder.embed(texts)
+    batched = embed(embedder, texts)
     assert batched.token_counts == [case["tokens"] for case in cases]
     worst = 1.0
     for i, case in enumerate(cases):
-        alone = embedder.embed([case["text"]]).vectors[0]
+        alone = embed(embedder, [case["text"]]).vectors[0]
         for vector in (alone, batched.vectors[i]):
             similarity = cosine(vector, case["embedding"])
             worst = min(worst, similarity)
@@ -89,14 +90,14 @@ def test_random_batches_stay_close_to_the_float_model(built: tuple[Path, Path]) 
     rng = random.Random(7)
     texts = [" ".join(rng.choices(WORDS, k=rng.randint(1, 24))) for _ in range(96)]
     texts += ["OK", "a", "42", "😀", "東京", "Straße"]
-    reference = Engine(source, max_tokens=128).embed(texts).vectors
+    reference = embed(Engine(source, max_tokens=128), texts).vectors
     quantized = Engine(out, max_tokens=128)
     order = list(range(len(texts)))
     for size in (7, 16, 64):
         rng.shuffle(order)
         for start in range(0, len(order), size):
             chunk = order[start : start + size]
-            vectors = quantized.embed([texts[i] for i in chunk]).vectors
+            vectors = embed(quantized, [texts[i] for i in chunk]).vectors
             similarity = np.sum(vectors * reference[chunk], axis=1)
             assert similarity.min() >= MIN_COSINE, (size, texts[chunk[int(similarity.argmin())]])
 

@@ -10,13 +10,21 @@ from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.routing import Route
 
+from app.buildinfo import build_info
 from app.config import Settings
-from app.http import docs, embed, openai, openapi
-from app.http.errors import ApiError, InternalError, MethodNotAllowed, NotFound
+from app.http import docs, embed, openai, openapi, service
+from app.http.errors import (
+    ApiError,
+    InternalError,
+    InvalidRequest,
+    MethodNotAllowed,
+    NotFound,
+    dialect_of,
+    error_response,
+)
 from app.http.middleware import CorsMiddleware, RequestContextMiddleware
-from app.http.responses import error_response
+from app.http.requests import RequestBodies, Served
 from app.metrics import Metrics
 from app.serving.services import Services
 
@@ -27,21 +35,25 @@ def create_app(settings: Settings) -> Starlette:
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         services = await Services.start(settings, metrics)
+        served = Served.of(settings, services.model.manifest)
+        bodies = RequestBodies.of(served)
         app.state.services = services
+        app.state.bodies = bodies
+        app.state.openapi_document = openapi.document(
+            settings, served, bodies, build_info()["version"]
+        )
         try:
             yield
         finally:
             await services.stop()
 
+    # Each group of endpoints is a module of app/http with a routes() of its own.
     endpoints = [
-        Route("/", embed.index, methods=["GET"]),
-        Route("/health", embed.health, methods=["GET"]),
-        Route("/metrics", embed.metrics, methods=["GET"]),
-        Route("/v1/embed", embed.embed, methods=["POST"]),
-        Route("/v1/embeddings", openai.embeddings, methods=["POST"]),
-        Route("/v1/models", openai.models, methods=["GET"]),
+        *service.routes(),
+        *embed.routes(),
+        *openai.routes(),
         *docs.routes(),
-        Route("/openapi.json", openapi.openapi_json, methods=["GET"]),
+        *openapi.routes(),
     ]
     paths = {route.path for route in endpoints}
     middleware = [Middleware(RequestContextMiddleware, metrics=metrics, endpoints=paths)]
@@ -50,33 +62,28 @@ def create_app(settings: Settings) -> Starlette:
     return Starlette(
         routes=endpoints,
         middleware=middleware,
-        exception_handlers={ApiError: _api_error, HTTPException: _http_error},
+        exception_handlers={HTTPException: _http_error},
         lifespan=lifespan,
     )
 
 
-async def _api_error(request: Request, exc: Exception) -> Response:
-    assert isinstance(exc, ApiError)
-    return _respond(request, exc)
-
-
 async def _http_error(request: Request, exc: Exception) -> Response:
+    """The router's own refusals (no such path, a method not served there)."""
     assert isinstance(exc, HTTPException)
+    error: ApiError
     if exc.status_code == 404:
-        return _respond(request, NotFound(f"no endpoint at {request.url.path}"))
-    if exc.status_code == 405:
-        error = MethodNotAllowed(f"{request.method} is not allowed on {request.url.path}")
-        error.headers.update(exc.headers or {})
-        return _respond(request, error)
-    error = ApiError(str(exc.detail)) if exc.status_code < 500 else InternalError("internal error")
-    if exc.status_code < 500:
-        error.status, error.code = exc.status_code, "invalid_request"
-    return _respond(request, error)
-
-
-def _respond(request: Request, error: ApiError) -> Response:
+        error = NotFound(f"no endpoint at {request.url.path}")
+    elif exc.status_code == 405:
+        error = MethodNotAllowed(
+            f"{request.method} is not allowed on {request.url.path}",
+            headers=dict(exc.headers or {}),
+        )
+    elif exc.status_code < 500:
+        error = InvalidRequest(str(exc.detail), status=exc.status_code)
+    else:
+        error = InternalError("internal error")
     request.state.error = error.code  # counted by the middleware
-    return error_response(error, request.scope["path"])
+    return error_response(error, dialect_of(request.scope))
 
 
 def create_app_from_env() -> Starlette:

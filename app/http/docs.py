@@ -15,7 +15,8 @@ from starlette.requests import Request
 from starlette.responses import FileResponse, HTMLResponse, Response
 from starlette.routing import Route
 
-from app.http.errors import NotFound
+from app.http.endpoint import endpoint
+from app.http.errors import Dialect, NotFound
 
 ASSETS_DIR = "docs_assets"
 # Its presence tells a built directory from a missing one (build.sh renames a finished one in).
@@ -110,6 +111,6 @@ class DocsPage:
 def routes(directory: Path | None = None) -> list[Route]:
     docs = DocsPage(directory if directory is not None else assets_directory())
     return [
-        Route("/docs", docs.page, methods=["GET"]),
-        Route("/docs/{asset:path}", docs.asset, methods=["GET"]),
+        Route("/docs", endpoint(Dialect.SMALLY)(docs.page), methods=["GET"]),
+        Route("/docs/{asset:path}", endpoint(Dialect.SMALLY)(docs.asset), methods=["GET"]),
     ]

@@ -14,8 +14,7 @@ from collections.abc import Callable
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from app.http.errors import InternalError
-from app.http.responses import error_response
+from app.http.errors import InternalError, dialect_of, error_response
 from app.logs import request_id_var
 from app.metrics import Metrics
 
@@ -94,7 +93,7 @@ class RequestContextMiddleware:
             log.exception("unhandled error")
             state["error"] = InternalError.code
             if not response_started:
-                response = error_response(InternalError("internal server error"), scope["path"])
+                response = error_response(InternalError("internal server error"), dialect_of(scope))
                 await response(scope, receive, send_with_context)
         finally:
             duration = time.perf_counter() - started

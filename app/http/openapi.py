@@ -13,20 +13,19 @@ from typing import Any
 import orjson
 from starlette.requests import Request
 from starlette.responses import Response
+from starlette.routing import Route
 
-from app.buildinfo import build_info
 from app.config import Settings
 from app.http import errors
-from app.http.openai import MAX_INPUTS, accepted_model_names
-from app.model.engine import COUNT_WORDS_AFTER_CHARS, ModelManifest
-from app.serving.services import Services
-
-JSON = "application/json"
+from app.http.endpoint import endpoint
+from app.http.fields import JSON
+from app.http.requests import MAX_INPUTS, RequestBodies, Served
+from app.model.engine import COUNT_WORDS_AFTER_CHARS
 
 # Which errors each endpoint can answer with (besides 405 for a wrong method).
 _EMBED_ERRORS = (
     errors.InvalidRequest,
-    errors.TextTooLongError,
+    errors.OverTokenLimit,
     errors.Unauthorized,
     errors.RequestTimeout,
     errors.PayloadTooLarge,
@@ -53,27 +52,11 @@ _ERROR_DESCRIPTIONS = {
 }
 
 
-def build_openapi(settings: Settings, manifest: ModelManifest, version: str) -> dict[str, Any]:
-    model = manifest.name
-    dimension = manifest.dimension
-    text = {
-        "type": "string",
-        "minLength": 1,
-        # Not empty and not only whitespace.
-        "pattern": r"\S",
-        "description": f"At most {settings.max_tokens} tokens including [CLS] and [SEP]; a longer "
-        "text is refused (`text_too_long`) unless `truncate` is true, never silently truncated.",
-    }
-    # Declared once, for both embedding endpoints (parsed once too: app.http.embed.parse_truncate).
-    truncate = {
-        "type": "boolean",
-        "default": False,
-        "description": f"A text over {settings.max_tokens} tokens: embed its first "
-        f"{settings.max_tokens} ([CLS], the first {max(settings.max_tokens - 2, 0)} word pieces, "
-        "[SEP]: sentence-transformers' `max_seq_length`) instead of refusing it with "
-        "`text_too_long`. "
-        "The token counts in the answer are the embedded ones.",
-    }
+def build_openapi(
+    settings: Settings, served: Served, bodies: RequestBodies, version: str
+) -> dict[str, Any]:
+    model = served.model
+    dimension = served.dimension
     return {
         "openapi": "3.1.0",
         "info": {
@@ -101,10 +84,8 @@ def build_openapi(settings: Settings, manifest: ModelManifest, version: str) -> 
             "/openapi.json": {"get": _openapi_operation()},
             "/docs": {"get": _docs_operation()},
             "/docs/{asset}": {"get": _docs_asset_operation()},
-            "/v1/embed": {"post": _embed_operation(text, truncate)},
-            "/v1/embeddings": {
-                "post": _embeddings_operation(text, truncate, model, dimension, settings)
-            },
+            "/v1/embed": {"post": _embed_operation(bodies)},
+            "/v1/embeddings": {"post": _embeddings_operation(bodies)},
             "/v1/models": {"get": _models_operation()},
         },
         "components": {
@@ -121,24 +102,12 @@ def build_openapi(settings: Settings, manifest: ModelManifest, version: str) -> 
     }
 
 
-def _embed_operation(text: dict[str, Any], truncate: dict[str, Any]) -> dict[str, Any]:
+def _embed_operation(bodies: RequestBodies) -> dict[str, Any]:
     return {
         "operationId": "embed",
         "summary": "Embed one text",
         "tags": ["embeddings"],
-        "requestBody": _json_body(
-            {
-                "text": text,
-                "normalize": {
-                    "type": "boolean",
-                    "default": True,
-                    "description": "L2-normalise the vector (unit length).",
-                },
-                "truncate": truncate,
-            },
-            required=["text"],
-            example={"text": "The quick brown fox"},
-        ),
+        "requestBody": bodies.embed.schema(),
         "responses": {
             "200": _response(
                 "The embedding",
@@ -150,48 +119,15 @@ def _embed_operation(text: dict[str, Any], truncate: dict[str, Any]) -> dict[str
     }
 
 
-def _embeddings_operation(
-    text: dict[str, Any],
-    truncate: dict[str, Any],
-    model: str,
-    dimension: int,
-    settings: Settings,
-) -> dict[str, Any]:
-    models = list(accepted_model_names(model, settings.model_aliases))
+def _embeddings_operation(bodies: RequestBodies) -> dict[str, Any]:
     return {
         "operationId": "createEmbeddings",
-        "summary": "Embed one text or up to 2048 (OpenAI-compatible)",
+        "summary": f"Embed one text or up to {MAX_INPUTS} (OpenAI-compatible)",
         "tags": ["embeddings"],
         "description": "Each input counts as one embedding against the quota; a batch that would "
         "cross the quota is refused whole and consumes nothing. Errors use OpenAI's envelope, "
         "with `param` naming the offending input (`input[3]`).",
-        "requestBody": _json_body(
-            {
-                "model": {"type": "string", "enum": models},
-                "input": {
-                    "oneOf": [
-                        text,
-                        {"type": "array", "items": text, "minItems": 1, "maxItems": MAX_INPUTS},
-                    ]
-                },
-                "encoding_format": {
-                    "type": "string",
-                    "enum": ["float", "base64"],
-                    "default": "float",
-                    "description": "`base64`: little-endian float32 bytes.",
-                },
-                "dimensions": {
-                    "type": ["integer", "null"],
-                    "minimum": 1,
-                    "maximum": dimension,
-                    "description": "Keep the first N dimensions, re-normalised.",
-                },
-                "user": {"type": ["string", "null"], "description": "Accepted and ignored."},
-                "truncate": truncate,
-            },
-            required=["model", "input"],
-            example={"model": model, "input": ["The quick brown fox", "hello"]},
-        ),
+        "requestBody": bodies.embeddings.schema(),
         "responses": {
             "200": _response(
                 "The embeddings, in input order",
@@ -330,13 +266,6 @@ _RATE_LIMIT_HEADERS = {
     name: {"$ref": f"#/components/headers/{name}"}
     for name in ("X-RateLimit-Limit", "X-RateLimit-Remaining", "X-RateLimit-Reset")
 }
-
-
-def _json_body(
-    properties: dict[str, Any], *, required: list[str], example: dict[str, Any]
-) -> dict[str, Any]:
-    schema = {"type": "object", "required": required, "properties": properties}
-    return {"required": True, "content": {JSON: {"schema": schema, "example": example}}}
 
 
 def _response(
@@ -539,13 +468,16 @@ def _error_classes(base: type[errors.ApiError]) -> list[type[errors.ApiError]]:
     return found
 
 
+def document(settings: Settings, served: Served, bodies: RequestBodies, version: str) -> bytes:
+    """The document, rendered once per app (the lifespan builds it when the model is known)."""
+    return orjson.dumps(build_openapi(settings, served, bodies, version))
+
+
+@endpoint(errors.Dialect.SMALLY)
 async def openapi_json(request: Request) -> Response:
-    """GET /openapi.json, built once per process (the model is known once services start)."""
-    document = getattr(request.app.state, "openapi_document", None)
-    if document is None:
-        services: Services = request.app.state.services
-        document = orjson.dumps(
-            build_openapi(services.settings, services.embeddings.manifest, build_info()["version"])
-        )
-        request.app.state.openapi_document = document
-    return Response(document, media_type=JSON)
+    """GET /openapi.json."""
+    return Response(request.app.state.openapi_document, media_type=JSON)
+
+
+def routes() -> list[Route]:
+    return [Route("/openapi.json", openapi_json, methods=["GET"])]

@@ -1,7 +1,7 @@
 """The embedding engine: tokenize -> ONNX forward pass (mean pooling in the graph) -> normalise.
 
 It knows nothing of HTTP, and nothing of concurrency: `Engine` is blocking and is driven
-from one thread by `app.model.runner.EngineRunner`.
+from threads by `app.model.runner.EngineRunner`.
 """
 
 from __future__ import annotations
@@ -26,12 +26,15 @@ class TextTooLong(Exception):
     """`tokens` is the exact count, or with `exact=False` a lower bound (the text was refused
     by counting its words, without tokenizing it)."""
 
-    def __init__(self, index: int, tokens: int, max_tokens: int, *, exact: bool = True) -> None:
+    def __init__(
+        self, index: int, tokens: int, max_tokens: int, *, inputs: int, exact: bool = True
+    ) -> None:
         count = f"{tokens}" if exact else f"at least {tokens}"
         super().__init__(f"input {index} has {count} tokens, more than the limit of {max_tokens}")
         self.index = index
         self.tokens = tokens
         self.max_tokens = max_tokens
+        self.inputs = inputs  # how many texts were tokenized together
         self.exact = exact
 
 
@@ -64,7 +67,6 @@ def end_of_word(text: str, count: int) -> int | None:
 class ModelManifest:
     name: str
     dimension: int
-    max_tokens: int
     onnx_sha256: str
 
     @classmethod
@@ -75,19 +77,12 @@ class ModelManifest:
             return cls(
                 name=str(data["name"]),
                 dimension=int(data["dimension"]),
-                max_tokens=int(data["max_tokens"]),
                 onnx_sha256=str(data["onnx_sha256"]),
             )
         except FileNotFoundError:
             raise ModelError(f"no model at {model_dir} (run `make model`)") from None
         except (ValueError, KeyError, TypeError) as exc:
             raise ModelError(f"invalid {path}: {exc}") from None
-
-
-@dataclass(frozen=True, slots=True)
-class EmbeddingBatch:
-    vectors: np.ndarray  # float32 [n, dimension]
-    token_counts: list[int]
 
 
 def l2_normalize(vectors: np.ndarray) -> np.ndarray:
@@ -137,10 +132,6 @@ class Engine:
         )
         self.input_names = {i.name for i in self.session.get_inputs()}
 
-    @property
-    def dimension(self) -> int:
-        return self.manifest.dimension
-
     def tokenize(self, texts: Sequence[str], *, truncate: bool = False) -> list[list[int]]:
         """Token ids of each text (with [CLS]/[SEP], unpadded). Over `max_tokens`: raises
         TextTooLong, naming the first offender with its full count, or with `truncate` keeps
@@ -156,7 +147,9 @@ class Engine:
             if end is None:
                 continue
             if not truncate:
-                raise TextTooLong(index, self.max_tokens + 1, self.max_tokens, exact=False)
+                raise TextTooLong(
+                    index, self.max_tokens + 1, self.max_tokens, inputs=len(texts), exact=False
+                )
             texts[index] = text[:end]  # still over the limit, with the same first pieces
         # The encodings (offsets, token strings: ~100 MB for a megabyte of text) are dropped at
         # once, not kept alive by a TextTooLong's traceback until the heap is trimmed.
@@ -164,7 +157,7 @@ class Engine:
         for index, row in enumerate(ids):
             if len(row) > self.max_tokens:
                 if not truncate:
-                    raise TextTooLong(index, len(row), self.max_tokens)
+                    raise TextTooLong(index, len(row), self.max_tokens, inputs=len(ids))
                 # The post-processor ends every row with [SEP]: keep it after the cut.
                 ids[index] = row[: self.max_tokens - 1] + row[-1:]
         return ids
@@ -183,9 +176,3 @@ class Engine:
         (pooled,) = self.session.run(["sentence_embedding"], feeds)
         vectors = np.ascontiguousarray(pooled, dtype=np.float32)
         return l2_normalize(vectors) if normalize else vectors
-
-    def embed(self, texts: Sequence[str], *, normalize: bool = True) -> EmbeddingBatch:
-        """Tokenize and infer in one call (raises TextTooLong before any inference)."""
-        token_ids = self.tokenize(texts)
-        vectors = self.infer(token_ids, normalize=normalize)
-        return EmbeddingBatch(vectors=vectors, token_counts=[len(row) for row in token_ids])

@@ -18,13 +18,16 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from psycopg_pool import AsyncConnectionPool
+import psycopg
+from psycopg_pool import AsyncConnectionPool, PoolTimeout
+
+from app.serving.errors import StoreUnavailable
 
 log = logging.getLogger(__name__)
 
 
 class InvalidApiKey(Exception):
-    pass
+    """No key, a malformed header, or a key that is unknown or revoked."""
 
 
 def hash_key(key: str) -> str:
@@ -72,7 +75,10 @@ class Authenticator:
         if cached is not None and cached[0] > now:
             principal = cached[1]
         else:
-            principal = await self._lookup(digest)
+            try:
+                principal = await self._lookup(digest)
+            except (psycopg.OperationalError, PoolTimeout):
+                raise StoreUnavailable("the key store is unavailable; retry shortly") from None
             self._remember(digest, principal, now)
         if principal is None:
             raise InvalidApiKey("invalid or revoked API key")

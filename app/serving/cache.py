@@ -62,7 +62,7 @@ class EmbeddingCache:
         if vector is not None:
             self._l1.move_to_end(key)
             return CacheHit(vector, "l1")
-        if self.l2_ttl <= 0 or not self.link.usable():
+        if self.l2_ttl <= 0 or not self.link.available:
             return None
         try:
             raw = await self.link.client.get(self._l2_key(key))
@@ -81,7 +81,7 @@ class EmbeddingCache:
         vector = np.array(vector, dtype="<f4", copy=True)
         vector.setflags(write=False)
         self._remember(key, vector)
-        if self.l2_ttl <= 0 or not self.link.usable():
+        if self.l2_ttl <= 0 or not self.link.available:
             return
         try:
             await self.link.client.set(self._l2_key(key), vector.tobytes(), ex=self.l2_ttl)

@@ -4,10 +4,6 @@ QueueFull). The HTTP layer turns each into its answer (app/http/errors.py, `from
 from __future__ import annotations
 
 
-class NotReady(Exception):
-    """The service is starting or stopping."""
-
-
 class StoreUnavailable(Exception):
     """PostgreSQL (keys, ledger) cannot be reached; the message says which store, for people."""
 

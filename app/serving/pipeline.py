@@ -1,8 +1,7 @@
-"""Serving embeddings for a customer: quota -> cache -> model -> cache, and metering.
+"""Embeddings for a customer: quota -> cache -> model -> cache, and metering.
 
-The transport layers (/v1/embed now, others later) call `serve` with token ids they have
-already checked; this is the one place that decides what an embedding costs and where it
-comes from.
+Both embedding endpoints call `embed` with token ids they have already checked; this is the one
+place that decides what an embedding costs and where it comes from.
 """
 
 from __future__ import annotations
@@ -11,52 +10,58 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+import psycopg
+from psycopg_pool import PoolTimeout
 
 from app.metrics import Metrics
 from app.model.runner import EngineRunner
 from app.serving.auth import Principal
 from app.serving.cache import EmbeddingCache
+from app.serving.errors import StoreUnavailable
 from app.serving.quota import QuotaService, QuotaState
 
 
 @dataclass(frozen=True, slots=True)
-class Served:
+class Embedded:
     vectors: list[np.ndarray]
     cached: list[bool]
-    quota: QuotaState
+    quota: QuotaState  # after this request
 
 
 class EmbeddingPipeline:
     def __init__(
         self,
-        embeddings: EngineRunner,
+        model: EngineRunner,
         cache: EmbeddingCache,
         quota: QuotaService,
         metrics: Metrics,
     ) -> None:
-        self.embeddings = embeddings
+        self.model = model
         self.cache = cache
         self.quota = quota
         self.metrics = metrics
 
-    async def serve(
+    async def embed(
         self, principal: Principal, token_ids: Sequence[Sequence[int]], *, normalize: bool
-    ) -> Served:
+    ) -> Embedded:
         """Embed every input or none: a batch that would cross the quota consumes nothing
         (raises QuotaExceeded), and a failure gives the reserved embeddings back."""
         tokens = sum(len(row) for row in token_ids)
-        reservation = await self.quota.reserve(principal, len(token_ids), tokens)
         try:
-            vectors, cached = await self._embed(principal, token_ids, normalize)
+            reservation = await self.quota.reserve(principal, len(token_ids), tokens)
+        except (psycopg.OperationalError, PoolTimeout):
+            raise StoreUnavailable("the database is unavailable; retry shortly") from None
+        try:
+            vectors, cached = await self._vectors(principal, token_ids, normalize)
         except BaseException:
             await self.quota.release(reservation)
             raise
         self.quota.commit(reservation)
         for row in token_ids:
             self.metrics.token_count.observe(len(row))
-        return Served(vectors, cached, reservation.state)
+        return Embedded(vectors, cached, reservation.state)
 
-    async def _embed(
+    async def _vectors(
         self, principal: Principal, token_ids: Sequence[Sequence[int]], normalize: bool
     ) -> tuple[list[np.ndarray], list[bool]]:
         keys = [self.cache.key(row, normalize, principal.user_id) for row in token_ids]
@@ -69,9 +74,7 @@ class EmbeddingPipeline:
         missing = [i for i, vector in enumerate(vectors) if vector is None]
         if missing:
             self.metrics.cache_misses.inc(len(missing))
-            computed = await self.embeddings.infer(
-                [token_ids[i] for i in missing], normalize=normalize
-            )
+            computed = await self.model.infer([token_ids[i] for i in missing], normalize=normalize)
             for row, i in enumerate(missing):
                 vectors[i] = computed[row]
                 await self.cache.put(keys[i], computed[row])

@@ -136,8 +136,10 @@ class QuotaService:
         limits: dict[str, int],
         *,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+        on_refused: Callable[[str], None] = lambda tier: None,
     ) -> None:
         self.link = link
+        self.on_refused = on_refused  # a request refused for quota, by tier (the metric)
         self.clock = clock
         self.pool = pool
         self.usage = usage
@@ -171,6 +173,7 @@ class QuotaService:
         if self.clock() >= end:  # a new month began
             del self._exhausted[principal.user_id]
             return
+        self.on_refused(principal.tier)
         raise QuotaExceeded(QuotaState(limit, limit, end), principal.tier)
 
     def _remember(self, principal: Principal, exc: QuotaExceeded) -> None:
@@ -189,6 +192,7 @@ class QuotaService:
             return await self._reserve(principal, count, tokens)
         except QuotaExceeded as exc:
             self._remember(principal, exc)
+            self.on_refused(principal.tier)
             raise
 
     async def _reserve(self, principal: Principal, count: int, tokens: int) -> Reservation:
@@ -197,7 +201,7 @@ class QuotaService:
         start, end = month_bounds(now)
         if limit == UNLIMITED:
             return Reservation(principal, count, tokens, QuotaState(limit, 0, end), now)
-        if self.link.usable() and not await self._decided_in_postgres(principal.user_id, start):
+        if self.link.available and not await self._decided_in_postgres(principal.user_id, start):
             try:
                 used, key = await self._consume_in_redis(principal, count, limit, start, end)
             except (aioredis.RedisError, OSError) as exc:
@@ -363,7 +367,7 @@ class QuotaService:
         start, end = month_bounds(self.clock())
         if limit == UNLIMITED:
             return QuotaState(limit, 0, end)
-        if self.link.usable():
+        if self.link.available:
             try:
                 used, _ = await self._consume_in_redis(principal, 0, limit, start, end)
                 return QuotaState(limit, used, end)

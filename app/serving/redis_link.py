@@ -1,6 +1,6 @@
 """Redis as an optional accelerator: when it is unreachable the service keeps serving without it.
 
-Callers ask `usable()` before a call and report failures with `failed()`; while Redis is down
+Callers check `available` before a call and report failures with `failed()`; while Redis is down
 they skip it instead of each waiting for a timeout. A background probe notices the recovery,
 and the transition (either way) is logged once, not per request.
 """
@@ -54,9 +54,6 @@ class RedisLink:
 
     def on_recovery(self, hook: RecoveryHook) -> None:
         self._recovery_hooks.append(hook)
-
-    def usable(self) -> bool:
-        return self.available
 
     def failed(self, exc: BaseException) -> None:
         if self.available:

@@ -36,7 +36,7 @@ HEALTH_CHECK_TTL = 1.0
 @dataclass
 class Services:
     settings: Settings
-    embeddings: EngineRunner
+    model: EngineRunner
     pool: AsyncConnectionPool
     redis: RedisLink
     auth: Authenticator
@@ -56,7 +56,7 @@ class Services:
     @classmethod
     async def start(cls, settings: Settings, metrics: Metrics) -> Services:
         # Loading the model (~0.5 s) and opening the pool overlap; neither blocks the loop.
-        embedder_task = asyncio.create_task(
+        engine_task = asyncio.create_task(
             asyncio.to_thread(
                 Engine,
                 settings.model_path,
@@ -66,7 +66,7 @@ class Services:
         )
         pool = await open_pool(settings.database_url, max_size=settings.db_pool_size)
         try:
-            embedder = await embedder_task
+            engine = await engine_task
         except BaseException:
             await pool.close()
             raise
@@ -77,15 +77,21 @@ class Services:
             on_buffer_change=metrics.usage_buffer.set,
             on_dropped=metrics.usage_dropped.inc,
         )
-        manifest = embedder.manifest
-        embeddings = EngineRunner(
-            embedder,
+        manifest = engine.manifest
+        model = EngineRunner(
+            engine,
             window=settings.batch_window_ms / 1000,
             max_batch_tokens=settings.max_batch_tokens,
             max_queue_tokens=settings.max_queue_tokens,
             on_run=lambda rows, seconds: metrics.inference_latency.observe(seconds),
         )
-        quota = QuotaService(redis, pool, usage, settings.tier_limits)
+        quota = QuotaService(
+            redis,
+            pool,
+            usage,
+            settings.tier_limits,
+            on_refused=lambda tier: metrics.rate_limited.labels(tier).inc(),
+        )
         cache_url = settings.cache_redis_url
         cache_redis = (
             RedisLink(cache_url, key_prefix=settings.redis_key_prefix)
@@ -102,7 +108,7 @@ class Services:
         )
         services = cls(
             settings=settings,
-            embeddings=embeddings,
+            model=model,
             pool=pool,
             redis=redis,
             auth=Authenticator(pool, ttl=settings.auth_cache_ttl, on_query=metrics.key_queries.inc),
@@ -110,7 +116,7 @@ class Services:
             quota=quota,
             cache=cache,
             metrics=metrics,
-            pipeline=EmbeddingPipeline(embeddings, cache, quota, metrics),
+            pipeline=EmbeddingPipeline(model, cache, quota, metrics),
             cache_redis=cache_redis,
         )
         info = build_info()
@@ -124,13 +130,13 @@ class Services:
             if not await cache_redis.ping():
                 cache_redis.failed(ConnectionError("no answer at start-up"))
             cache_redis.start()
-        embeddings.start()
+        model.start()
         services.auth.start()
         services.usage.start()
         services.ready = True
         log.info(
             "ready",
-            extra={"model": embedder.manifest.name, "max_tokens": settings.max_tokens},
+            extra={"model": manifest.name, "max_tokens": settings.max_tokens},
         )
         return services
 
@@ -142,7 +148,7 @@ class Services:
         if self.cache_redis is not None:
             await self.cache_redis.stop()
         await self.pool.close()
-        await self.embeddings.stop()
+        await self.model.stop()
         log.info("stopped")
 
     async def health(self) -> tuple[int, dict[str, Any]]:
@@ -164,7 +170,7 @@ class Services:
         body = {
             "status": status,
             "version": info["version"],
-            "model": self.embeddings.manifest.name,
+            "model": self.model.manifest.name,
             "checks": checks,
             "build": {
                 "git_hash": info.get("git_hash"),

@@ -68,7 +68,6 @@ class UsageRecorder:
         self.flush_interval = flush_interval
         self.flush_records = flush_records
         self.max_buffered = max_buffered
-        self.dropped = 0
         self._on_buffer_change = on_buffer_change
         self._on_dropped = on_dropped
         self._buffer: deque[UsageRecord] = deque()
@@ -103,7 +102,6 @@ class UsageRecorder:
         if overflow > 0:
             for _ in range(overflow):
                 self._buffer.popleft()
-            self.dropped += overflow
             self._on_dropped(overflow)
             log.error("usage buffer full: dropped the oldest records", extra={"dropped": overflow})
 
@@ -125,7 +123,6 @@ class UsageRecorder:
             if asyncio.get_running_loop().time() > deadline:
                 lost = len(self._buffer)
                 self._buffer.clear()
-                self.dropped += lost
                 self._on_dropped(lost)
                 self._on_buffer_change(0)
                 log.error("usage records not written at shutdown", extra={"records": lost})
@@ -188,7 +185,6 @@ class UsageRecorder:
             return True
 
     def _set_aside(self, count: int, user_ids: list[int]) -> None:
-        self.dropped += count
         self._on_dropped(count)
         log.error(
             "usage records of deleted users set aside",

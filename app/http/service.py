@@ -1,0 +1,54 @@
+"""The service's own endpoints, open to all: GET / (what this is), /health, /metrics."""
+
+from __future__ import annotations
+
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from app.http.endpoint import endpoint
+from app.http.errors import Dialect
+from app.http.requests import MAX_INPUTS
+from app.http.responses import JSONResponse
+from app.serving.services import Services
+
+
+@endpoint(Dialect.SMALLY)
+async def index(request: Request) -> Response:
+    services: Services = request.app.state.services
+    return JSONResponse(
+        {
+            "name": "smally",
+            "description": "Text embeddings API",
+            "model": services.model.manifest.name,
+            "endpoints": {
+                "POST /v1/embed": "embed one text (Authorization: Bearer <key>)",
+                "GET /health": "service health",
+                "POST /v1/embeddings": "OpenAI-compatible embeddings "
+                f"(one text or up to {MAX_INPUTS})",
+                "GET /v1/models": "the served model (OpenAI-compatible)",
+                "GET /metrics": "Prometheus metrics",
+            },
+        }
+    )
+
+
+@endpoint(Dialect.SMALLY)
+async def health(request: Request) -> Response:
+    services: Services = request.app.state.services
+    status, body = await services.health()
+    return JSONResponse(body, status_code=status)
+
+
+@endpoint(Dialect.SMALLY)
+async def metrics(request: Request) -> Response:
+    services: Services = request.app.state.services
+    return Response(services.metrics.render(), media_type=services.metrics.content_type)
+
+
+def routes() -> list[Route]:
+    return [
+        Route("/", index, methods=["GET"]),
+        Route("/health", health, methods=["GET"]),
+        Route("/metrics", metrics, methods=["GET"]),
+    ]
