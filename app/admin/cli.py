@@ -18,7 +18,7 @@ from app.admin.keys import AccountError, create_key, list_keys, normalize_email,
 from app.admin.migrations import apply_migrations, migration_status
 from app.admin.usage_report import KeyUsage, monthly_usage, parse_month
 from app.buildinfo import version_line
-from app.config import ConfigError, Settings
+from app.config import ConfigError, Settings, first_line
 
 EXIT_CONFIG = 2
 T = TypeVar("T")
@@ -40,9 +40,9 @@ def migrate_or_exit(database_url: str) -> list[str]:
     try:
         return apply_migrations(database_url)
     except psycopg.OperationalError as exc:
-        _fail(f"cannot reach PostgreSQL (DATABASE_URL): {_first_line(exc)}")
+        _fail(f"cannot reach PostgreSQL (DATABASE_URL): {first_line(exc)}")
     except LockTimeout as exc:
-        _fail(f"database migrations are locked by another process: {_first_line(exc)}")
+        _fail(f"database migrations are locked by another process: {first_line(exc)}")
 
 
 def in_database(settings: Settings, action: Callable[[psycopg.Connection], T]) -> T:
@@ -54,12 +54,7 @@ def in_database(settings: Settings, action: Callable[[psycopg.Connection], T]) -
     except AccountError as exc:
         _fail(str(exc))
     except psycopg.OperationalError as exc:
-        _fail(f"cannot reach PostgreSQL (DATABASE_URL): {_first_line(exc)}")
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
+        _fail(f"cannot reach PostgreSQL (DATABASE_URL): {first_line(exc)}")
 
 
 def _version_option(program: str) -> Callable[[Any], Any]:
@@ -109,7 +104,7 @@ def migrate(status: bool) -> None:
     try:
         statuses = migration_status(settings.database_url)
     except psycopg.OperationalError as exc:
-        _fail(f"cannot reach PostgreSQL (DATABASE_URL): {_first_line(exc)}")
+        _fail(f"cannot reach PostgreSQL (DATABASE_URL): {first_line(exc)}")
     for migration in statuses:
         when = (
             migration.applied_at.isoformat(timespec="seconds")
