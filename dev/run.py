@@ -17,7 +17,7 @@ import psycopg
 from app.admin.cli import load_settings, migrate_or_exit
 from app.admin.keys import create_key
 from app.config import read_dotenv
-from app.http.runner import run
+from app.http.runner import run_hypercorn
 from app.logs import configure_logging
 from app.serving.auth import hash_key
 from dev.servers import LocalPostgres, LocalRedis
@@ -69,7 +69,7 @@ def main() -> int:
             flush=True,
         )
         configure_logging(settings.log_level)
-        return run(settings, migrate=migrate_or_exit)
+        return run_hypercorn(settings, migrate=migrate_or_exit)
     finally:
         for server in reversed(servers):
             server.stop()

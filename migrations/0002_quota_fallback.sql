@@ -5,7 +5,7 @@
 CREATE INDEX usage_user_created_count_idx ON usage (user_id, created_at) INCLUDE (embeddings_count);
 DROP INDEX usage_user_created_idx;
 
--- Users whose quota was decided in PostgreSQL this month (app/quota.py explains). Every
+-- Users whose quota was decided in PostgreSQL this month (app/serving/quota.py explains). Every
 -- process reads it about once a second and decides those users in PostgreSQL too, so
 -- processes split between Redis and PostgreSQL never both allow the rest.
 CREATE TABLE quota_fallback (

@@ -85,12 +85,12 @@ def api(ctx: click.Context) -> None:
 @api.command()
 def serve() -> None:
     """Apply pending migrations, then serve HTTP with hypercorn."""
-    from app.http.runner import run
+    from app.http.runner import run_hypercorn
     from app.logs import configure_logging
 
     settings = load_settings()
     configure_logging(settings.log_level)
-    sys.exit(run(settings, migrate=migrate_or_exit))
+    sys.exit(run_hypercorn(settings, migrate=migrate_or_exit))
 
 
 @api.command()

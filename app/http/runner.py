@@ -1,4 +1,4 @@
-"""Run the service under hypercorn: preflight checks, migrations, then serve until SIGTERM.
+"""`api serve`: preflight checks, migrations, then the app under hypercorn until SIGTERM.
 
 Hypercorn handles SIGTERM/SIGINT: it stops accepting, lets in-flight requests finish (up to
 SHUTDOWN_TIMEOUT), then runs the lifespan shutdown, which flushes the usage ledger.
@@ -45,7 +45,7 @@ def hypercorn_config(settings: Settings) -> Config:
     return config
 
 
-def run(settings: Settings, *, migrate: Callable[[str], list[str]]) -> int:
+def run_hypercorn(settings: Settings, *, migrate: Callable[[str], list[str]]) -> int:
     try:
         manifest = ModelManifest.load(settings.model_path)
     except ModelError as exc:
