@@ -33,14 +33,11 @@ import os
 import platform
 import random
 import shutil
-import signal
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -50,7 +47,7 @@ sys.path.insert(0, str(REPO))
 
 from app.config import Settings  # noqa: E402
 from app.model.engine import Engine  # noqa: E402
-from dev.servers import LocalPostgres, LocalRedis  # noqa: E402
+from dev.launcher import ApiError, ApiProcess, EmbeddedServers, free_port  # noqa: E402
 
 BENCH = REPO / "bench"
 RESULTS = BENCH / "results"
@@ -139,12 +136,6 @@ def ensure_wrk() -> str:
         subprocess.run(["apt-get", "update", "-q"], stdout=subprocess.DEVNULL, check=True)
         subprocess.run(install, stdout=subprocess.DEVNULL, check=True)
     return shutil.which("wrk") or sys.exit("wrk could not be installed")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # --------------------------------------------------------------------------- raw ceiling
@@ -245,28 +236,26 @@ def best_of(passes: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 class Service:
-    """The venv's `api` on embedded PostgreSQL and Redis in a temporary directory."""
+    """The venv's `api` on embedded PostgreSQL and Redis in a temporary directory (dev/launcher.py),
+    and what the bench asks of it on top: a `scale` key, the backlog drained, /metrics' counters."""
 
     def __init__(self, workdir: Path) -> None:
         self.workdir = workdir
-        self.postgres = LocalPostgres(workdir / "postgres")
-        self.redis = LocalRedis(workdir / "redis", persist=False)
-        self.port = free_port()
-        self.process: subprocess.Popen[bytes] | None = None
+        self.servers = EmbeddedServers(workdir, persist_redis=False)
+        self.api: ApiProcess | None = None
         self.key = ""
         self.env: dict[str, str] = {}
 
     def start(self, overrides: dict[str, str]) -> None:
-        database_url = self.postgres.start()
-        redis_url = self.redis.start()
-        self.env = {k: v for k, v in os.environ.items() if k not in SMALLY_VARS}
-        self.env.update(overrides)
+        # DATABASE_URL and REDIS_URL are the bench's own (BENCH_OWNED): always embedded servers.
+        env = {k: v for k, v in os.environ.items() if k not in SMALLY_VARS}
+        env.update(overrides)
+        self.env = self.servers.start(env)
+        port = free_port()
         self.env.update(
             {
-                "DATABASE_URL": database_url,
-                "REDIS_URL": redis_url,
                 "API_HOST": "127.0.0.1",
-                "API_PORT": str(self.port),
+                "API_PORT": str(port),
                 "LOG_LEVEL": "warning",
                 "MODEL_PATH": str(MODEL_DIR),
                 "SCALE_TIER_LIMIT": "-1",
@@ -283,36 +272,18 @@ class Service:
         if created.returncode != 0:
             raise RuntimeError(f"create_api_key failed: {created.stderr.strip()}")
         self.key = created.stdout.strip()
-        with (self.workdir / "api.log").open("ab") as out:
-            self.process = subprocess.Popen(
-                [str(BIN / "api")],
-                env=self.env,
-                cwd=self.workdir,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-            )
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"api exited with {self.process.returncode}: {self.log()}")
-            try:
-                with urllib.request.urlopen(f"{self.url}/health", timeout=2) as response:
-                    if response.status == 200:
-                        return
-            except (urllib.error.URLError, OSError):
-                pass
-            time.sleep(0.1)
-        raise RuntimeError(f"api not healthy after 60 s: {self.log()}")
+        self.api = ApiProcess(self.env, self.workdir, port=port).start()
+        self.api.wait_healthy(60)  # ApiError, with the api's log, if it does not come up
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        assert self.api is not None
+        return self.api.base_url
 
     @property
     def pid(self) -> int:
-        assert self.process is not None
-        return self.process.pid
+        assert self.api is not None
+        return self.api.pid
 
     def drain(self, timeout: float = 180) -> float:
         """Wait until the work queued by the last run is done: an uncached request joins the
@@ -343,20 +314,14 @@ class Service:
                     totals[wanted[name]] += float(line.rsplit(" ", 1)[1])
         return totals
 
-    def log(self) -> str:
-        path = self.workdir / "api.log"
-        return path.read_text(errors="replace")[-3000:] if path.exists() else ""
-
     def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(60)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        self.redis.stop()
-        self.postgres.stop()
+        try:
+            if self.api is not None:
+                self.api.stop(timeout=60)  # killed past that
+        except ApiError as exc:
+            log(str(exc))
+        finally:
+            self.servers.stop()
 
 
 def run_wrk(

@@ -1,29 +1,46 @@
 """`make run`: the real service on this machine, with embedded PostgreSQL and Redis if needed.
 
 When DATABASE_URL / REDIS_URL are unset (in the environment and in .env), servers from the
-pip wheels start under `.smally/` and keep their data between runs. A dev key is created on the
-first run and kept in `.smally/dev-api-key` (mode 0600, git-ignored) so each run can print a
-ready-to-paste curl line. Ctrl-C stops the service, then the embedded servers.
+pip wheels start under `.smally/` and keep their data between runs. The venv's `api` then runs as
+a child, its output on the terminal. A dev key is created on the first run and kept in
+`.smally/dev-api-key` (mode 0600, git-ignored) so each run can print a ready-to-paste curl line.
+Ctrl-C (or SIGTERM) stops the service, then the embedded servers; the exit status is the api's.
 """
 
 from __future__ import annotations
 
 import os
+import signal
 import sys
 from pathlib import Path
+from types import FrameType
 
 import psycopg
 
-from app.admin.cli import load_settings, migrate_or_exit
+from app.admin.cli import load_settings
 from app.admin.keys import create_key
 from app.config import read_dotenv
-from app.http.runner import run_hypercorn
-from app.logs import configure_logging
 from app.serving.auth import hash_key
-from dev.servers import LocalPostgres, LocalRedis
+from dev.launcher import ApiError, ApiProcess, EmbeddedServers
 
 STATE_DIR = Path(".smally")
 DEV_EMAIL = "dev@localhost.localdomain"
+STARTUP_TIMEOUT = 300.0  # the first run on a slow machine: initdb, migrations, the model
+
+
+class Stopped(Exception):
+    """SIGINT or SIGTERM arrived: stop the service, then the servers."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _raise_stopped(signum: int, frame: FrameType | None) -> None:
+    # No second signal interrupts the stopping: it is bounded by SHUTDOWN_TIMEOUT.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    raise Stopped(signum)
 
 
 def _dev_key(database_url: str, prefix: str) -> str:
@@ -42,37 +59,61 @@ def _dev_key(database_url: str, prefix: str) -> str:
     return created.key
 
 
-def main() -> int:
-    configured = {**read_dotenv(Path(".env")), **os.environ}
-    servers: list[LocalPostgres | LocalRedis] = []
-    try:
-        if not configured.get("DATABASE_URL"):
-            postgres = LocalPostgres(STATE_DIR / "postgres")
-            servers.append(postgres)
-            os.environ["DATABASE_URL"] = postgres.start()
-            print(f"embedded PostgreSQL: {postgres.pgdata}", file=sys.stderr)
-        if not configured.get("REDIS_URL"):
-            redis = LocalRedis(STATE_DIR / "redis")
-            servers.append(redis)
-            os.environ["REDIS_URL"] = redis.start()
-            print(f"embedded Redis: {redis.socket}", file=sys.stderr)
+def _exit_status(returncode: int) -> int:
+    """A child killed by signal N exits the way a shell reports it: 128 + N."""
+    return 128 - returncode if returncode < 0 else returncode
 
-        settings = load_settings()
-        migrate_or_exit(settings.database_url)
+
+def _serve(env: dict[str, str]) -> int:
+    settings = load_settings(environ=env)
+    # Where to reach it: a wildcard address is reached through localhost.
+    host = "localhost" if settings.api_host in ("0.0.0.0", "::") else settings.api_host
+    stop_timeout = settings.shutdown_timeout + 30
+    # own_session: the terminal's Ctrl-C reaches this process only, which passes it on once.
+    api = ApiProcess(
+        env, Path.cwd(), port=settings.api_port, host=host, console=True, own_session=True
+    )
+    try:
+        api.start()
+        api.wait_healthy(STARTUP_TIMEOUT)
         key = _dev_key(settings.database_url, settings.api_key_prefix)
-        host = "localhost" if settings.api_host in ("0.0.0.0", "::") else settings.api_host
         print(
-            f"\ndev API key: {key}\ntry:\n  curl -s http://{host}:{settings.api_port}/v1/embed "
+            f"\ndev API key: {key}\ntry:\n  curl -s {api.base_url}/v1/embed "
             f"-H 'Authorization: Bearer {key}' -H 'Content-Type: application/json' "
             """-d '{"text": "hello world"}'\n""",
             file=sys.stderr,
             flush=True,
         )
-        configure_logging(settings.log_level)
-        return run_hypercorn(settings, migrate=migrate_or_exit)
+        assert api.process is not None
+        return _exit_status(api.process.wait())
+    except Stopped as stopped:
+        return _exit_status(api.stop(stopped.signum, timeout=stop_timeout))
+    except ApiError as exc:
+        print(f"make run: {str(exc).strip().rstrip(':')}", file=sys.stderr)
+        exited = api.process.poll() if api.process is not None else None
+        return _exit_status(exited) if exited else 1
     finally:
-        for server in reversed(servers):
-            server.stop()
+        # From here on nothing interrupts the stopping (the api's, then the servers').
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        if api.process is not None and api.process.poll() is None:
+            api.stop(signal.SIGTERM, timeout=stop_timeout)
+
+
+def main() -> int:
+    signal.signal(signal.SIGINT, _raise_stopped)
+    signal.signal(signal.SIGTERM, _raise_stopped)
+    configured = {**read_dotenv(Path(".env")), **os.environ}
+    try:
+        with EmbeddedServers(STATE_DIR) as servers:
+            env = servers.start(configured)
+            if servers.postgres is not None:
+                print(f"embedded PostgreSQL: {servers.postgres.pgdata}", file=sys.stderr)
+            if servers.redis is not None:
+                print(f"embedded Redis: {servers.redis.socket}", file=sys.stderr)
+            return _serve(env)
+    except Stopped:
+        return 0  # stopped while the servers were starting; they are stopped too
 
 
 if __name__ == "__main__":

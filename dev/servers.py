@@ -178,7 +178,9 @@ class LocalRedis:
             "--logfile",
             str(self.data_dir / "redis.log"),
         ]
-        self.process = subprocess.Popen(args, stdin=subprocess.DEVNULL)
+        # A session of its own, as pg_ctl gives PostgreSQL: a Ctrl-C in the terminal reaches the
+        # launcher only, which stops the service first and the servers after it.
+        self.process = subprocess.Popen(args, stdin=subprocess.DEVNULL, start_new_session=True)
         deadline = time.monotonic() + timeout
         while not self._ping():
             if self.process.poll() is not None or time.monotonic() > deadline:

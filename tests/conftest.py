@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from dev.launcher import EmbeddedServers
 from dev.servers import LocalPostgres, LocalRedis
 from tests.helpers import MODEL_PATH, REFERENCE_PATH, ApiProcess, base_env, create_key, new_database
 
@@ -31,23 +32,13 @@ def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Servers]:
         pytest.exit(f"no model at {MODEL_PATH}: run `make model` (make test does)", returncode=2)
     if not REFERENCE_PATH.exists():
         pytest.exit(f"reference vectors missing: {REFERENCE_PATH}", returncode=2)
-    database_url = os.environ.get("TEST_DATABASE_URL")
-    redis_url = os.environ.get("TEST_REDIS_URL")
-    base = tmp_path_factory.mktemp("servers")
-    postgres = None if database_url else LocalPostgres(base / "postgres")
-    redis = None if redis_url else LocalRedis(base / "redis", persist=False)
-    try:
-        if postgres is not None:
-            database_url = postgres.start()
-        if redis is not None:
-            redis_url = redis.start()
-        assert database_url and redis_url
-        yield Servers(database_url, redis_url, postgres, redis)
-    finally:
-        if redis is not None:
-            redis.stop()
-        if postgres is not None:
-            postgres.stop()
+    named = {
+        "DATABASE_URL": os.environ.get("TEST_DATABASE_URL", ""),
+        "REDIS_URL": os.environ.get("TEST_REDIS_URL", ""),
+    }
+    with EmbeddedServers(tmp_path_factory.mktemp("servers"), persist_redis=False) as embedded:
+        env = embedded.start(named)
+        yield Servers(env["DATABASE_URL"], env["REDIS_URL"], embedded.postgres, embedded.redis)
 
 
 @pytest.fixture

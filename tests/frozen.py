@@ -10,7 +10,7 @@ import re
 import shutil
 import subprocess
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -117,26 +117,20 @@ def rss_kib(pid: int) -> int:
 
 @dataclass
 class FrozenApi(ApiProcess):
-    """The deployed `api` (in `workdir`), its port set in `.env`, its log kept out of `workdir`."""
+    """The deployed `api` (in `workdir`), its port set in `.env`, its log kept out of `workdir`
+    (pass log_dir)."""
 
-    log_dir: Path = field(default_factory=Path)
     started_at: float = 0.0
 
-    @property
-    def log_path(self) -> Path:
-        return self.log_dir / f"api-{self.port}.log"
+    def __post_init__(self) -> None:
+        self.executable = self.workdir / "api"
+
+    def process_env(self) -> dict[str, str]:
+        return self.env  # API_PORT comes from `.env`, as on the server
 
     def start(self, *args: str) -> FrozenApi:
         self.started_at = time.monotonic()
-        with self.log_path.open("ab") as log:
-            self.process = subprocess.Popen(
-                [str(self.workdir / "api"), *args],
-                env=self.env,
-                cwd=self.workdir,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-            )
+        super().start(*args)
         return self
 
     def time_to_healthy(self, timeout: float) -> tuple[float, dict]:

@@ -5,22 +5,20 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import signal
-import socket
 import subprocess
 import sys
-import time
 import uuid
-from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
-import httpx
 import numpy as np
 import psycopg
 
 from app.config import Settings
 from app.serving.auth import Principal
+from dev.launcher import ApiProcess, free_port
+
+__all__ = ["ApiProcess", "free_port"]  # the launcher's, used by the tests from here
 
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -30,21 +28,6 @@ REFERENCE_PATH = REPO / "tests" / "data" / "all-MiniLM-L6-v2.reference.json"
 # Variables of ours that must not leak from the developer's shell into a test's process: one per
 # setting (the field names are the variable names), and prometheus-client's.
 SMALLY_VARS = {f.name.upper() for f in dataclasses.fields(Settings)} | {"PROMETHEUS_MULTIPROC_DIR"}
-
-
-_HANDED_OUT: set[int] = set()
-
-
-def free_port() -> int:
-    """A port nothing listens on, and not one handed out before in this run (the kernel may
-    offer the same free port twice before either process has bound it)."""
-    while True:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        if port not in _HANDED_OUT:
-            _HANDED_OUT.add(port)
-            return port
 
 
 def database_url_for(server_url: str, database: str) -> str:
@@ -84,82 +67,6 @@ def create_key(env: dict[str, str], cwd: Path, email: str, tier: str = "free") -
     result = run_cli("create_api_key", email, tier, env=env, cwd=cwd)
     assert result.returncode == 0, result.stderr
     return result.stdout.strip()
-
-
-@dataclass
-class ApiProcess:
-    """One `api` process on a free port, its output in a log file we can read."""
-
-    env: dict[str, str]
-    workdir: Path
-    port: int = field(default_factory=free_port)
-    process: subprocess.Popen[bytes] | None = None
-    signalled: bool = False
-
-    @property
-    def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    @property
-    def log_path(self) -> Path:
-        return self.workdir / f"api-{self.port}.log"
-
-    def start(self, *args: str) -> ApiProcess:
-        env = {**self.env, "API_PORT": str(self.port)}
-        with self.log_path.open("ab") as log:
-            self.process = subprocess.Popen(
-                [str(BIN / "api"), *args],
-                env=env,
-                cwd=self.workdir,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-            )
-        return self
-
-    def wait_healthy(self, timeout: float = 60) -> dict:
-        assert self.process is not None
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise AssertionError(f"api exited with {self.process.returncode}:\n{self.logs()}")
-            try:
-                response = httpx.get(f"{self.base_url}/health", timeout=2)
-                if response.status_code == 200:
-                    return response.json()
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.1)
-        raise AssertionError(f"api not healthy after {timeout}s:\n{self.logs()}")
-
-    def client(self, key: str | None = None) -> httpx.Client:
-        headers = {"Authorization": f"Bearer {key}"} if key else {}
-        return httpx.Client(base_url=self.base_url, headers=headers, timeout=30)
-
-    def send_signal(self, sig: int = signal.SIGTERM) -> None:
-        assert self.process is not None
-        self.process.send_signal(sig)
-        self.signalled = True
-
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
-        """Signal the process (once: a second SIGTERM is not what systemd does) and wait."""
-        if self.process is None:
-            return 0
-        if self.process.poll() is None and not self.signalled:
-            self.send_signal(sig)
-        try:
-            return self.process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
-            raise AssertionError(f"api did not exit within {timeout}s of signal {sig}") from None
-
-    def logs(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
-
-    def log_records(self) -> list[dict]:
-        """Every log line must be one JSON object."""
-        return [json.loads(line) for line in self.logs().splitlines() if line.strip()]
 
 
 def load_reference() -> dict:
