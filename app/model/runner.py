@@ -28,19 +28,19 @@ class EngineRunner:
 
     def __init__(
         self,
-        embedder: Engine,
+        engine: Engine,
         *,
         window: float = 0.001,
         max_batch_tokens: int = 16_384,
         max_queue_tokens: int = 262_144,
         on_run: Callable[[int, float], None] = lambda rows, seconds: None,
     ) -> None:
-        self.embedder = embedder
+        self.engine = engine
         self._inference = ThreadPoolExecutor(max_workers=1, thread_name_prefix="onnx")
         self._tokenizing = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenize")
         self._heap = HeapTrimmer()
         self.queue = BatchingQueue(
-            lambda rows: embedder.infer(rows, normalize=False),
+            lambda rows: engine.infer(rows, normalize=False),
             self._inference,
             window=window,
             max_batch_tokens=max_batch_tokens,
@@ -50,7 +50,7 @@ class EngineRunner:
 
     @property
     def manifest(self) -> ModelManifest:
-        return self.embedder.manifest
+        return self.engine.manifest
 
     def start(self) -> None:
         self.queue.start()
@@ -58,8 +58,8 @@ class EngineRunner:
     async def tokenize(self, texts: Sequence[str], *, truncate: bool = False) -> list[list[int]]:
         chars = sum(len(t) for t in texts)
         if chars <= self.INLINE_TOKENIZE_CHARS:
-            return self.embedder.tokenize(texts, truncate=truncate)
-        work = self._tokenize_and_trim if chars > self.TRIM_AFTER_CHARS else self.embedder.tokenize
+            return self.engine.tokenize(texts, truncate=truncate)
+        work = self._tokenize_and_trim if chars > self.TRIM_AFTER_CHARS else self.engine.tokenize
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(
             self._tokenizing, functools.partial(work, texts, truncate=truncate)
@@ -69,7 +69,7 @@ class EngineRunner:
         # A megabyte of text (a hostile one refused as too long, or 2,048 legitimate inputs)
         # costs ~100 MB of tokenizer buffers; without this the process keeps them for good.
         try:
-            return self.embedder.tokenize(texts, truncate=truncate)
+            return self.engine.tokenize(texts, truncate=truncate)
         finally:
             self._heap.release()
 
