@@ -49,7 +49,7 @@ $(DOCS_ASSETS): build/docs-assets/package.json build/docs-assets/package-lock.js
 
 docs-assets: $(DOCS_ASSETS)
 
-# The browser test (tests/test_docs_page.py): Debian's chromium, driven by playwright-core from
+# The browser test (tests/system/test_docs_page.py): Debian's chromium, driven by playwright-core from
 # tests/browser/ (pinned lock file). apt-get only when /usr/bin/chromium is missing (needs root).
 BROWSER_NODE := tests/browser/node_modules/.package-lock.json
 
@@ -86,7 +86,7 @@ test: lint model browser-tools
 FUZZ_EXAMPLES ?= 1000
 .PHONY: fuzz
 fuzz: lint model
-	FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(PY) -m pytest tests/test_contract.py -k fuzz -s $(PYTEST_ARGS)
+	FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(PY) -m pytest tests/system/test_contract.py -k fuzz -s $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache dist .artifacts app/docs_assets build/docs-assets/node_modules tests/browser/node_modules
@@ -118,7 +118,7 @@ endif
 
 # The aarch64 build, then its `api` under qemu-user against real PostgreSQL and Redis (slow).
 test-arm64: lint model
-	$(PY) -m pytest -m arm64 tests/test_frozen_arm64.py $(PYTEST_ARGS)
+	$(PY) -m pytest -m arm64 tests/system/test_frozen_arm64.py $(PYTEST_ARGS)
 
 # `make model QUANTIZE=int8` also builds the int8 variant into $(MODEL_DIR)-int8
 # (build/quantize_model.py; serve it with MODEL_PATH=$(MODEL_DIR)-int8).
