@@ -616,7 +616,7 @@ def served_routes() -> list[tuple[str, str]]:
     value that names nothing: the answer to that must carry the headers too."""
     app = create_app(Settings(database_url="postgresql:///unused", redis_url="redis://unused"))
     served = []
-    for route in app.http.embed:
+    for route in app.routes:
         if isinstance(route, Route):
             path = re.sub(r"\{[^}]*\}", NOTHING, route.path)
             served += [(method, path) for method in sorted(route.methods or ())]
