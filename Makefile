@@ -7,11 +7,12 @@ PYTEST_ARGS ?=
 DOCS_ASSETS := app/docs_assets/manifest.json
 
 .DEFAULT_GOAL := help
-.PHONY: help install lock model run test lint format clean docs-assets browser-tools
+.PHONY: help install lock model run test test-fast lint format clean docs-assets browser-tools
 
 help:
 	@echo "make run      start Smally on http://localhost:$${API_PORT:-8000} (embedded PostgreSQL/Redis unless DATABASE_URL/REDIS_URL are set)"
 	@echo "make test     lint, then the test suite against real PostgreSQL, Redis and the real model"
+	@echo "make test-fast  lint, then the unit layer only (tests/unit: in-process, real stores and model, <30 s)"
 	@echo "make install  create $(VENV) with the project and its dev tools, from the lock (requirements/dev.txt)"
 	@echo "make lock     refresh uv.lock and requirements/*.txt from pyproject.toml (LOCK_ARGS=--upgrade for newer releases)"
 	@echo "make docs-assets  Swagger UI's files for GET /docs into app/docs_assets/ (npm; make install does it)"
@@ -79,8 +80,13 @@ format: install
 	$(PY) -m ruff format .
 	$(PY) -m ruff check --fix .
 
+# Two layers: tests/unit (the service's parts in-process, fast) and tests/system (the real `api`
+# and CLI as an operator runs them, the builds, the deployment files). `make test` runs both.
 test: lint model browser-tools
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+test-fast: lint model
+	$(PY) -m pytest tests/unit $(PYTEST_ARGS)
 
 # The long schemathesis run against /openapi.json (make test runs the same with 100 per operation).
 FUZZ_EXAMPLES ?= 1000
