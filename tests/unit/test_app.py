@@ -33,7 +33,9 @@ class InProcess:
     client: httpx.AsyncClient
     key: str
 
-    def request(self, method: str, path: str, *, key: str | None = None, **kwargs: Any):
+    def request(
+        self, method: str, path: str, *, key: str | None = None, **kwargs: Any
+    ) -> httpx.Response:
         headers = kwargs.pop("headers", {})
         if key is not None:
             headers["Authorization"] = f"Bearer {key}"

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -61,7 +61,8 @@ def read(
     return asyncio.run(read_json(req, max_bytes=max_bytes, timeout=timeout)), calls
 
 
-def refused(call: Callable[[], Awaitable[Any] | Any], kind: type[ApiError]) -> ApiError:
+def refused(call: Callable[[], object], kind: type[ApiError]) -> ApiError:
+    """The error `call` raises, which must be a `kind`."""
     with pytest.raises(kind) as caught:
         call()
     return caught.value
