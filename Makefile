@@ -7,11 +7,12 @@ PYTEST_ARGS ?=
 DOCS_ASSETS := app/docs_assets/manifest.json
 
 .DEFAULT_GOAL := help
-.PHONY: help install lock model run test lint format clean docs-assets browser-tools
+.PHONY: help install lock model run test test-fast lint format clean docs-assets browser-tools
 
 help:
 	@echo "make run      start Smally on http://localhost:$${API_PORT:-8000} (embedded PostgreSQL/Redis unless DATABASE_URL/REDIS_URL are set)"
 	@echo "make test     lint, then the test suite against real PostgreSQL, Redis and the real model"
+	@echo "make test-fast  lint, then the unit layer only (tests/unit: in-process, real stores and model, <30 s)"
 	@echo "make install  create $(VENV) with the project and its dev tools, from the lock (requirements/dev.txt)"
 	@echo "make lock     refresh uv.lock and requirements/*.txt from pyproject.toml (LOCK_ARGS=--upgrade for newer releases)"
 	@echo "make docs-assets  Swagger UI's files for GET /docs into app/docs_assets/ (npm; make install does it)"
@@ -49,7 +50,7 @@ $(DOCS_ASSETS): build/docs-assets/package.json build/docs-assets/package-lock.js
 
 docs-assets: $(DOCS_ASSETS)
 
-# The browser test (tests/test_docs_page.py): Debian's chromium, driven by playwright-core from
+# The browser test (tests/system/test_docs_page.py): Debian's chromium, driven by playwright-core from
 # tests/browser/ (pinned lock file). apt-get only when /usr/bin/chromium is missing (needs root).
 BROWSER_NODE := tests/browser/node_modules/.package-lock.json
 
@@ -79,14 +80,19 @@ format: install
 	$(PY) -m ruff format .
 	$(PY) -m ruff check --fix .
 
+# Two layers: tests/unit (the service's parts in-process, fast) and tests/system (the real `api`
+# and CLI as an operator runs them, the builds, the deployment files). `make test` runs both.
 test: lint model browser-tools
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+test-fast: lint model
+	$(PY) -m pytest tests/unit $(PYTEST_ARGS)
 
 # The long schemathesis run against /openapi.json (make test runs the same with 100 per operation).
 FUZZ_EXAMPLES ?= 1000
 .PHONY: fuzz
 fuzz: lint model
-	FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(PY) -m pytest tests/test_contract.py -k fuzz -s $(PYTEST_ARGS)
+	FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(PY) -m pytest tests/system/test_contract.py -k fuzz -s $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache dist .artifacts app/docs_assets build/docs-assets/node_modules tests/browser/node_modules
@@ -118,7 +124,7 @@ endif
 
 # The aarch64 build, then its `api` under qemu-user against real PostgreSQL and Redis (slow).
 test-arm64: lint model
-	$(PY) -m pytest -m arm64 tests/test_frozen_arm64.py $(PYTEST_ARGS)
+	$(PY) -m pytest -m arm64 tests/system/test_frozen_arm64.py $(PYTEST_ARGS)
 
 # `make model QUANTIZE=int8` also builds the int8 variant into $(MODEL_DIR)-int8
 # (build/quantize_model.py; serve it with MODEL_PATH=$(MODEL_DIR)-int8).

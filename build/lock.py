@@ -6,7 +6,7 @@ builds), so nothing is taken from an index that the lock does not name, byte for
 
     python build/lock.py export   rewrite requirements/*.txt from uv.lock (`make lock`)
     python build/lock.py check    fail when uv.lock disagrees with pyproject.toml, or a file in
-                                  requirements/ with uv.lock (offline; tests/test_lock.py)
+                                  requirements/ with uv.lock (offline; tests/system/test_lock.py)
     python build/lock.py sha256   the sha256 of uv.lock, the lock a build records
 
 Stdlib only, apart from `uv` (from the lock's dev extra) for export and check.

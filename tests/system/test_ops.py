@@ -10,7 +10,7 @@ from pathlib import Path
 from app.config import Settings
 from app.serving.usage import UsageRecorder
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 PASSWORD = "s3cret:p@ss"  # a throwaway value the test looks for
 
 

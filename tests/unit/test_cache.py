@@ -1,0 +1,170 @@
+"""EmbeddingCache: the in-process L1 in front of a real Redis L2."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+
+import numpy as np
+import pytest
+
+from app.serving.cache import EmbeddingCache
+from app.serving.redis_link import RedisLink
+from tests.conftest import Servers
+
+DIM = 8
+MODEL_A = "aa" * 32
+MODEL_B = "bb" * 32
+TOKENS = [101, 7592, 2088, 102]
+
+
+def vector(seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal(DIM).astype(np.float32)
+
+
+@asynccontextmanager
+async def redis_link(url: str, key_prefix: str) -> AsyncIterator[RedisLink]:
+    link = RedisLink(url, key_prefix=key_prefix)
+    try:
+        yield link
+    finally:
+        await link.stop()
+
+
+def new_cache(link: RedisLink, **overrides: object) -> EmbeddingCache:
+    options: dict = {"model_sha256": MODEL_A, "dimension": DIM, "l1_size": 4, "l2_ttl": 60}
+    options.update(overrides)
+    return EmbeddingCache(link, **options)
+
+
+@pytest.fixture
+def run(servers: Servers, key_prefix: str) -> Callable[..., object]:
+    """run(scenario): scenario(link) on a RedisLink to the session's Redis, in a key space of the
+    test's own."""
+
+    def runner(scenario: Callable[[RedisLink], Awaitable[object]]) -> object:
+        async def main() -> object:
+            async with redis_link(servers.redis_url, key_prefix) as link:
+                return await scenario(link)
+
+        return asyncio.run(main())
+
+    return runner
+
+
+def test_a_put_is_an_l1_hit(run) -> None:
+    async def scenario(link: RedisLink) -> None:
+        cache = new_cache(link)
+        key = cache.key(TOKENS, True, 1)
+        assert await cache.get(key) is None
+        await cache.put(key, vector(1))
+        hit = await cache.get(key)
+        assert hit is not None and hit.level == "l1"
+        np.testing.assert_array_equal(hit.vector, vector(1))
+
+    run(scenario)
+
+
+def test_an_entry_evicted_from_l1_comes_from_l2_and_back_into_l1(run) -> None:
+    async def scenario(link: RedisLink) -> None:
+        cache = new_cache(link, l1_size=1)
+        first, second = cache.key(TOKENS, True, 1), cache.key(TOKENS[:-1], True, 1)
+        await cache.put(first, vector(1))
+        await cache.put(second, vector(2))  # L1 holds one entry: `first` is gone from it
+        hit = await cache.get(first)
+        assert hit is not None and hit.level == "l2"
+        np.testing.assert_array_equal(hit.vector, vector(1))
+        hit = await cache.get(first)
+        assert hit is not None and hit.level == "l1"
+
+    run(scenario)
+
+
+def test_another_cache_on_the_same_redis_hits_l2(run) -> None:
+    async def scenario(link: RedisLink) -> None:
+        writer, reader = new_cache(link), new_cache(link)
+        key = writer.key(TOKENS, False, 1)
+        await writer.put(key, vector(3))
+        hit = await reader.get(key)
+        assert hit is not None and hit.level == "l2"
+        np.testing.assert_array_equal(hit.vector, vector(3))
+
+    run(scenario)
+
+
+def test_per_user_scope_separates_users_and_shared_scope_does_not(run) -> None:
+    async def scenario(link: RedisLink) -> None:
+        cache = new_cache(link)
+        await cache.put(cache.key(TOKENS, True, 1), vector(4))
+        assert cache.key(TOKENS, True, 1) != cache.key(TOKENS, True, 2)
+        assert await cache.get(cache.key(TOKENS, True, 2)) is None
+        assert await new_cache(link).get(cache.key(TOKENS, True, 2)) is None
+
+        shared = new_cache(link, per_user=False)
+        assert shared.key(TOKENS, True, 1) == shared.key(TOKENS, True, 2)
+        await shared.put(shared.key(TOKENS, True, 1), vector(5))
+        hit = await new_cache(link, per_user=False).get(shared.key(TOKENS, True, 2))
+        assert hit is not None
+        np.testing.assert_array_equal(hit.vector, vector(5))
+
+    run(scenario)
+
+
+def test_the_model_and_the_normalize_flag_are_part_of_the_key(run) -> None:
+    async def scenario(link: RedisLink) -> None:
+        old, new = new_cache(link, model_sha256=MODEL_A), new_cache(link, model_sha256=MODEL_B)
+        await old.put(old.key(TOKENS, True, 1), vector(6))
+        assert old.key(TOKENS, True, 1) != new.key(TOKENS, True, 1)
+        assert await new.get(new.key(TOKENS, True, 1)) is None
+        assert old.key(TOKENS, True, 1) != old.key(TOKENS, False, 1)
+        assert await old.get(old.key(TOKENS, False, 1)) is None
+
+    run(scenario)
+
+
+def test_l2_entries_expire_and_ttl_0_keeps_redis_out(run, key_prefix: str) -> None:
+    async def scenario(link: RedisLink) -> None:
+        cache = new_cache(link, l2_ttl=60)
+        await cache.put(cache.key(TOKENS, True, 1), vector(7))
+        (stored,) = await link.client.keys(key_prefix + "*")
+        assert 0 < await link.client.ttl(stored) <= 60
+        await link.client.delete(stored)
+
+        off = new_cache(link, l2_ttl=0)
+        key = off.key(TOKENS, True, 2)
+        await off.put(key, vector(8))
+        assert await link.client.keys(key_prefix + "*") == []
+        hit = await off.get(key)
+        assert hit is not None and hit.level == "l1"  # L1 still works
+        assert await new_cache(link, l2_ttl=0).get(key) is None
+
+    run(scenario)
+
+
+def test_an_l2_value_of_the_wrong_size_is_a_miss(run, key_prefix: str) -> None:
+    async def scenario(link: RedisLink) -> None:
+        cache = new_cache(link)
+        key = cache.key(TOKENS, True, 1)
+        await cache.put(key, vector(9))
+        (stored,) = await link.client.keys(key_prefix + "*")
+        await link.client.set(stored, b"\x00" * (4 * DIM - 1))
+        assert await new_cache(link).get(key) is None
+
+    run(scenario)
+
+
+def test_put_keeps_a_copy_not_a_view_of_the_batch(run) -> None:
+    async def scenario(link: RedisLink) -> None:
+        cache = new_cache(link)
+        batch = np.stack([vector(10), vector(11), vector(12)])
+        key = cache.key(TOKENS, True, 1)
+        await cache.put(key, batch[1])
+        batch[1] = 0.0
+        hit = await cache.get(key)
+        assert hit is not None
+        np.testing.assert_array_equal(hit.vector, vector(11))
+        assert not np.shares_memory(hit.vector, batch)
+        assert not hit.vector.flags.writeable
+
+    run(scenario)
