@@ -17,17 +17,17 @@ CASES = load_reference()["cases"]
 
 
 @pytest.fixture(scope="module")
-def embedder() -> Engine:
+def engine() -> Engine:
     return Engine(MODEL_PATH, max_tokens=128)
 
 
-def run(embedder: Engine, coro_factory, **queue_options):
+def run(engine: Engine, coro_factory, **queue_options):
     runs: list[int] = []
 
     async def main():
         with ThreadPoolExecutor(1) as executor:
             queue = BatchingQueue(
-                lambda rows: embedder.infer(rows, normalize=False),
+                lambda rows: engine.infer(rows, normalize=False),
                 executor,
                 on_run=lambda rows, seconds: runs.append(rows),
                 **queue_options,
@@ -41,49 +41,49 @@ def run(embedder: Engine, coro_factory, **queue_options):
     return asyncio.run(main()), runs
 
 
-def test_requests_arriving_together_share_a_run_and_get_their_own_rows(embedder) -> None:
-    token_ids = embedder.tokenize([c["text"] for c in CASES])
+def test_requests_arriving_together_share_a_run_and_get_their_own_rows(engine) -> None:
+    token_ids = engine.tokenize([c["text"] for c in CASES])
 
     async def submit_all(queue):
         return await asyncio.gather(*(queue.submit([ids], normalize=True) for ids in token_ids))
 
-    results, runs = run(embedder, submit_all, window=0.002)
+    results, runs = run(engine, submit_all, window=0.002)
     assert sum(runs) == len(CASES) and len(runs) < len(CASES)  # batched
     for case, vectors in zip(CASES, results, strict=True):
         assert cosine(vectors[0], case["embedding"]) >= 0.99999
 
 
-def test_a_lone_request_does_not_wait_for_the_window(embedder) -> None:
+def test_a_lone_request_does_not_wait_for_the_window(engine) -> None:
     async def one(queue):
         # A window of a minute: had the lone request waited for it, this would time out.
         return await asyncio.wait_for(
-            queue.submit(embedder.tokenize(["alone"]), normalize=True), timeout=20
+            queue.submit(engine.tokenize(["alone"]), normalize=True), timeout=20
         )
 
-    vectors, runs = run(embedder, one, window=60.0)
+    vectors, runs = run(engine, one, window=60.0)
     assert runs == [1] and vectors.shape == (1, 384)
 
 
-def test_passes_in_length_order_give_each_row_its_own_vector(embedder) -> None:
-    rows = embedder.tokenize(["a", "a b", " ".join(["word"] * 100), "c d e", "f g h i j k"])
+def test_passes_in_length_order_give_each_row_its_own_vector(engine) -> None:
+    rows = engine.tokenize(["a", "a b", " ".join(["word"] * 100), "c d e", "f g h i j k"])
 
     async def submit(queue):
         return await queue.submit(rows, normalize=False)
 
-    vectors, _ = run(embedder, submit, pass_rows=2)
-    expected = embedder.infer(rows, normalize=False)
+    vectors, _ = run(engine, submit, pass_rows=2)
+    expected = engine.infer(rows, normalize=False)
     np.testing.assert_allclose(vectors, expected, atol=1e-5)
 
 
-def test_a_full_queue_refuses_instead_of_queueing(embedder) -> None:
-    rows = embedder.tokenize([" ".join(["word"] * 100)] * 4)
+def test_a_full_queue_refuses_instead_of_queueing(engine) -> None:
+    rows = engine.tokenize([" ".join(["word"] * 100)] * 4)
 
     async def flood(queue):
         return await asyncio.gather(
             *(queue.submit(rows, normalize=True) for _ in range(20)), return_exceptions=True
         )
 
-    results, _ = run(embedder, flood, max_queue_tokens=1000)
+    results, _ = run(engine, flood, max_queue_tokens=1000)
     refused = [r for r in results if isinstance(r, QueueFull)]
     served = [r for r in results if isinstance(r, np.ndarray)]
     assert refused and served and len(refused) + len(served) == 20

@@ -13,54 +13,54 @@ from tests.helpers import MODEL_PATH, cosine, load_reference
 
 
 @pytest.fixture(scope="module")
-def embedder() -> Engine:
+def engine() -> Engine:
     return Engine(MODEL_PATH, max_tokens=128)
 
 
-def test_tokenizes_without_padding_or_truncation(embedder: Engine) -> None:
-    assert [len(ids) for ids in embedder.tokenize(["a", "a b c"])] == [3, 5]
-    assert embedder.tokenizer.truncation is None and embedder.tokenizer.padding is None
+def test_tokenizes_without_padding_or_truncation(engine: Engine) -> None:
+    assert [len(ids) for ids in engine.tokenize(["a", "a b c"])] == [3, 5]
+    assert engine.tokenizer.truncation is None and engine.tokenizer.padding is None
 
 
-def test_pads_each_batch_to_its_longest_input(embedder: Engine) -> None:
+def test_pads_each_batch_to_its_longest_input(engine: Engine) -> None:
     shapes: list[tuple[int, ...]] = []
-    run = embedder.session.run
+    run = engine.session.run
 
     def recording_run(outputs, feeds):  # observe the real session's input, change nothing
         shapes.append(feeds["input_ids"].shape)
         return run(outputs, feeds)
 
-    embedder.session = type("Recorder", (), {"run": staticmethod(recording_run)})()
+    engine.session = type("Recorder", (), {"run": staticmethod(recording_run)})()
     try:
-        embed(embedder, ["a", "a b c"])
+        embed(engine, ["a", "a b c"])
     finally:
-        embedder.session = run.__self__
+        engine.session = run.__self__
     assert shapes == [(2, 5)]
 
 
-def test_batch_equals_singles(embedder: Engine) -> None:
+def test_batch_equals_singles(engine: Engine) -> None:
     cases = load_reference()["cases"]
     texts = [c["text"] for c in cases]
-    batch = embed(embedder, texts)
+    batch = embed(engine, texts)
     assert batch.token_counts == [c["tokens"] for c in cases]
     for i, text in enumerate(texts):
-        single = embed(embedder, [text])
+        single = embed(engine, [text])
         np.testing.assert_allclose(batch.vectors[i], single.vectors[0], atol=1e-5)
         assert cosine(batch.vectors[i], cases[i]["embedding"]) >= 0.99999
 
 
-def test_over_long_input_is_refused_with_its_full_count(embedder: Engine) -> None:
+def test_over_long_input_is_refused_with_its_full_count(engine: Engine) -> None:
     # 64 words of 3 pieces each: too few words for the word count to tell, so it is tokenized.
     with pytest.raises(TextTooLong) as info:
-        embed(embedder, ["short", " ".join(["a.b"] * 64)])
+        embed(engine, ["short", " ".join(["a.b"] * 64)])
     assert (info.value.index, info.value.tokens, info.value.max_tokens) == (1, 194, 128)
     assert info.value.exact
 
 
-def test_many_words_are_refused_before_tokenizing(embedder: Engine) -> None:
+def test_many_words_are_refused_before_tokenizing(engine: Engine) -> None:
     text = "The quick brown fox jumps over the lazy dog. " * 25_000  # 1.1 MB
     with pytest.raises(TextTooLong) as info:
-        embedder.tokenize(["short", text])
+        engine.tokenize(["short", text])
     assert (info.value.index, info.value.tokens, info.value.exact) == (1, 129, False)
     assert end_of_word(text, 127) == len("The quick brown fox jumps over the lazy dog. " * 14) + 3
 
@@ -74,12 +74,12 @@ _NASTY = list(
 )
 
 
-def test_the_word_count_never_exceeds_the_word_pieces(embedder: Engine) -> None:
+def test_the_word_count_never_exceeds_the_word_pieces(engine: Engine) -> None:
     """Sound on 5,000 random texts of the characters most likely to break it."""
     rng = random.Random(16)
     for _ in range(5_000):
         text = "".join(rng.choice(_NASTY) for _ in range(rng.randint(1, 60)))
-        pieces = len(embedder.tokenizer.encode(text).ids) - 2
+        pieces = len(engine.tokenizer.encode(text).ids) - 2
         assert end_of_word(text, pieces + 1) is None, (text, pieces)  # no more words than that
 
 

@@ -36,10 +36,10 @@ def test_graph_matches_a_numpy_forward_pass(tmp_path: Path) -> None:
 
 def test_tiny_model_is_served_by_the_same_engine(tmp_path: Path) -> None:
     out = build_tiny_model(tmp_path / "tiny-model")
-    embedder = Engine(out, max_tokens=128)
-    assert embedder.manifest.name == "tiny-random"
-    batch = embed(embedder, ["hello world", "a"])
-    assert batch.vectors.shape == (2, embedder.manifest.dimension)
+    engine = Engine(out, max_tokens=128)
+    assert engine.manifest.name == "tiny-random"
+    batch = embed(engine, ["hello world", "a"])
+    assert batch.vectors.shape == (2, engine.manifest.dimension)
     assert batch.token_counts == [4, 3]
 
 
@@ -74,5 +74,5 @@ def test_the_real_build_works_with_no_reference_file(tmp_path: Path) -> None:
     assert run.returncode == 0, run.stderr[-2000:]
     assert "no reference file" in run.stdout + run.stderr
     assert "batched vs single" in run.stdout + run.stderr
-    embedder = Engine(out, max_tokens=256, threads=1)
-    assert embedder.manifest.onnx_sha256 == Engine(MODEL_PATH, max_tokens=256).manifest.onnx_sha256
+    engine = Engine(out, max_tokens=256, threads=1)
+    assert engine.manifest.onnx_sha256 == Engine(MODEL_PATH, max_tokens=256).manifest.onnx_sha256

@@ -69,13 +69,13 @@ def test_manifest_names_the_quantization_and_its_own_hash(built: tuple[Path, Pat
 def test_every_reference_case_keeps_its_direction(built: tuple[Path, Path]) -> None:
     _, out = built
     cases = load_reference()["cases"]
-    embedder = Engine(out, max_tokens=128)
+    engine = Engine(out, max_tokens=128)
     texts = [case["text"] for case in cases]
-    batched = embed(embedder, texts)
+    batched = embed(engine, texts)
     assert batched.token_counts == [case["tokens"] for case in cases]
     worst = 1.0
     for i, case in enumerate(cases):
-        alone = embed(embedder, [case["text"]]).vectors[0]
+        alone = embed(engine, [case["text"]]).vectors[0]
         for vector in (alone, batched.vectors[i]):
             similarity = cosine(vector, case["embedding"])
             worst = min(worst, similarity)

@@ -49,11 +49,11 @@ def scale_key(api: ApiProcess) -> str:
 
 
 def test_the_tokenizer_cuts_like_sentence_transformers() -> None:
-    embedder = Engine(MODEL_PATH, max_tokens=16)
-    full = embedder.tokenizer.encode(LONG_TEXT).ids
-    (cut,) = embedder.tokenize([LONG_TEXT], truncate=True)
+    engine = Engine(MODEL_PATH, max_tokens=16)
+    full = engine.tokenizer.encode(LONG_TEXT).ids
+    (cut,) = engine.tokenize([LONG_TEXT], truncate=True)
     assert cut == reference_ids(LONG_TEXT, 16) == full[:15] + full[-1:]
-    assert embedder.tokenize(["short text"], truncate=True) == embedder.tokenize(["short text"])
+    assert engine.tokenize(["short text"], truncate=True) == engine.tokenize(["short text"])
 
 
 def test_embed_truncates_on_request(api: ApiProcess, scale_key: str) -> None:

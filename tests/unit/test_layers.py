@@ -36,14 +36,18 @@ FORBIDDEN: dict[str, tuple[str, ...]] = {
     "serving": ("app.http", "app.admin", "starlette", "hypercorn"),
     # HTTP speaks to the stores only through serving.
     "http": ("psycopg", "psycopg_pool", "redis", "yoyo"),
+    # The operator's commands may use every layer (`api serve` starts the HTTP server).
     "admin": (),
-    "": (),
+    # Settings, logs, metrics and the build's identity sit under all the layers.
+    "": ("app.model", "app.serving", "app.http", "app.admin"),
 }
 
 
 def layer_of(path: Path) -> str | None:
     """The layer a module of app/ belongs to, or None when no rules name its folder."""
     parts = path.relative_to(APP).parts
+    if parts == ("__main__.py",):
+        return "admin"  # `python -m app` is the CLI's entry point
     layer = parts[0] if len(parts) > 1 else ""
     return layer if layer in FORBIDDEN else None
 
