@@ -15,7 +15,7 @@ from pathlib import Path
 
 import httpx
 
-from tests.helpers import BIN, REPO, SMALLY_VARS, ApiProcess
+from tests.helpers import BIN, REPO, SMALLY_VARS, ApiProcess, free_port
 
 PROGRAMS = ("api", "create_api_key")
 MODEL_NAME = "all-MiniLM-L6-v2"
@@ -95,6 +95,21 @@ def deploy(dist: Path, into: Path, settings: dict[str, str]) -> Path:
     (into / ".env").write_text("".join(f"{k}={v}\n" for k, v in settings.items()))
     assert sorted(p.name for p in into.iterdir()) == [".env", "api", "create_api_key", "models"]
     return into
+
+
+def deploy_on_servers(
+    dist: Path, into: Path, database_url: str, redis_url: str
+) -> tuple[Path, int]:
+    """`deploy` with a `.env` naming the database, Redis, a free port and the model beside the
+    binaries, as the playbook writes it; returns the directory and the port."""
+    port = free_port()
+    settings = {
+        "DATABASE_URL": database_url,
+        "REDIS_URL": redis_url,
+        "API_PORT": str(port),
+        "MODEL_PATH": f"models/{MODEL_NAME}",
+    }
+    return deploy(dist, into, settings), port
 
 
 def run(args: list[str], cwd: Path, env: dict[str, str], timeout: float = 120):

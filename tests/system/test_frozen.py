@@ -24,6 +24,7 @@ from tests.frozen import (
     bare_env,
     ceiling,
     deploy,
+    deploy_on_servers,
     embed_latency_ms,
     git_head,
     lock_sha256,
@@ -79,17 +80,7 @@ def test_frozen_binaries_serve_from_an_empty_directory(
     dist: Path, servers: Servers, tmp_path: Path, runtime_tmp: Path
 ) -> None:
     database_url = servers.new_database()
-    port = free_port()
-    workdir = deploy(
-        dist,
-        tmp_path / "srv",
-        {
-            "DATABASE_URL": database_url,
-            "REDIS_URL": servers.redis_url,
-            "API_PORT": str(port),
-            "MODEL_PATH": f"models/{MODEL_NAME}",
-        },
-    )
+    workdir, port = deploy_on_servers(dist, tmp_path / "srv", database_url, servers.redis_url)
     assert REPO not in workdir.parents
     env = bare_env(TMPDIR=str(runtime_tmp))
 

@@ -16,13 +16,12 @@ import pytest
 from tests.conftest import Servers
 from tests.frozen import (
     GLIBC_CEILING,
-    MODEL_NAME,
     PROGRAMS,
     VERSION_LINE,
     FrozenApi,
     bare_env,
     ceiling,
-    deploy,
+    deploy_on_servers,
     git_head,
     lock_sha256,
     make,
@@ -30,7 +29,7 @@ from tests.frozen import (
     run,
     version_key,
 )
-from tests.helpers import REPO, cosine, free_port, load_reference
+from tests.helpers import REPO, cosine, load_reference
 
 # Selected by `make test-arm64` (-m arm64); the default run leaves the marker out (pyproject).
 # It needs root, for the arm64 root and binfmt_misc: without it the build says so and fails.
@@ -68,17 +67,7 @@ def test_arm64_binaries_are_aarch64_and_need_no_newer_glibc(dist: Path) -> None:
 
 def test_arm64_api_serves_under_qemu(dist: Path, servers: Servers, tmp_path: Path) -> None:
     database_url = servers.new_database()
-    port = free_port()
-    workdir = deploy(
-        dist,
-        tmp_path / "srv",
-        {
-            "DATABASE_URL": database_url,
-            "REDIS_URL": servers.redis_url,
-            "API_PORT": str(port),
-            "MODEL_PATH": f"models/{MODEL_NAME}",
-        },
-    )
+    workdir, port = deploy_on_servers(dist, tmp_path / "srv", database_url, servers.redis_url)
     # binfmt_misc hands the aarch64 executables to qemu-aarch64-static; QEMU_LD_PREFIX gives
     # it the arm64 root's dynamic loader and system libraries (libstdc++, ...).
     env = bare_env(QEMU_LD_PREFIX=str(ARM64_ROOT))
