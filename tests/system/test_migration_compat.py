@@ -43,7 +43,10 @@ def previous_release(tmp_path_factory: pytest.TempPathFactory) -> Path:
     before = f"{added[-1]}^"
     tree = tmp_path_factory.mktemp("previous-release")
     archive = subprocess.run(
-        ["git", "archive", before, "app", "migrations"], cwd=REPO, capture_output=True, check=True
+        ["git", "archive", before, "app", "migrations", "spec"],
+        cwd=REPO,
+        capture_output=True,
+        check=True,
     )
     subprocess.run(["tar", "-x", "-C", str(tree)], input=archive.stdout, check=True)
     assert not (tree / "migrations" / migration.name).exists()
@@ -51,11 +54,15 @@ def previous_release(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def entry_point(tree: Path, directory: Path, command: str) -> Path:
-    """An executable running the old code's `command` (api or create_api_key), nothing of ours."""
+    """An executable running the old code's `command` (api or create_api_key) through the entry
+    file its frozen binary is built from (spec/entry_*.py: it knows where that release's CLI
+    lives), with nothing of ours on the path before it."""
     script = directory / command
+    entry = tree / "spec" / f"entry_{command}.py"
+    assert entry.is_file(), entry
     script.write_text(
-        f"#!{sys.executable}\nimport sys\nsys.path.insert(0, {str(tree)!r})\n"
-        f"from app.cli import {command}\n{command}()\n"
+        f"#!{sys.executable}\nimport runpy, sys\nsys.path.insert(0, {str(tree)!r})\n"
+        f"runpy.run_path({str(entry)!r}, run_name='__main__')\n"
     )
     script.chmod(0o755)
     return script
