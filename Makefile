@@ -7,7 +7,7 @@ PYTEST_ARGS ?=
 DOCS_ASSETS := app/docs_assets/manifest.json
 
 .DEFAULT_GOAL := help
-.PHONY: help install lock model run test test-fast lint format clean docs-assets browser-tools
+.PHONY: help install lock model run test test-fast lint format clean docs-assets browser-tools promtool
 
 help:
 	@echo "make run      start Smally on http://localhost:$${API_PORT:-8000} (embedded PostgreSQL/Redis unless DATABASE_URL/REDIS_URL are set)"
@@ -66,6 +66,23 @@ $(BROWSER_NODE): tests/browser/package.json tests/browser/package-lock.json
 
 browser-tools: /usr/bin/chromium $(BROWSER_NODE)
 
+# promtool for tests/system/test_monitoring.py (checks monitoring/): the one file unpacked from
+# Debian's prometheus package into .cache/promtool/, so no Prometheus server is installed or
+# started and no root is needed (except for an `apt-get update` when the package lists are stale).
+PROMTOOL := .cache/promtool/promtool
+
+$(PROMTOOL):
+	@echo "unpacking promtool from Debian's prometheus package into $(@D)/"
+	@rm -rf $(@D) && mkdir -p $(@D)/deb
+	@cd $(@D)/deb && { apt-get download prometheus >/dev/null 2>&1 || { \
+		test "$$(id -u)" = 0 || { echo "apt-get download prometheus failed (stale package lists? apt-get update needs root)" >&2; exit 2; }; \
+		apt-get -o DPkg::Lock::Timeout=600 update -qq && apt-get download prometheus; }; }
+	dpkg-deb --fsys-tarfile $(@D)/deb/prometheus_*.deb | tar -x -C $(@D) --strip-components=3 ./usr/bin/promtool
+	@rm -rf $(@D)/deb
+	@$@ --version | head -n 1
+
+promtool: $(PROMTOOL)
+
 model: install
 	$(PY) build/make_model.py --out $(MODEL_DIR)
 
@@ -82,7 +99,7 @@ format: install
 
 # Two layers: tests/unit (the service's parts in-process, fast) and tests/system (the real `api`
 # and CLI as an operator runs them, the builds, the deployment files). `make test` runs both.
-test: lint model browser-tools
+test: lint model browser-tools promtool
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 test-fast: lint model
