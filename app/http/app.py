@@ -38,6 +38,7 @@ def create_app(settings: Settings) -> Starlette:
         served = Served.of(settings, services.model.manifest)
         bodies = RequestBodies.of(served)
         app.state.services = services
+        app.state.served = served
         app.state.bodies = bodies
         app.state.openapi_document = openapi.document(
             settings, served, bodies, build_info()["version"]

@@ -4,6 +4,7 @@ the one wrapper that turns whatever it raised into an answer (app/http/errors.py
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -26,6 +27,7 @@ def endpoint(dialect: Dialect) -> Callable[[Handler], Handler]:
     """
 
     def wrap(handler: Handler) -> Handler:
+        @functools.wraps(handler)
         async def run(request: Request) -> Response:
             try:
                 return await handler(request)
@@ -38,8 +40,6 @@ def endpoint(dialect: Dialect) -> Callable[[Handler], Handler]:
                 return error_response(error, dialect)
 
         run.dialect = dialect  # type: ignore[attr-defined]  # read by errors.dialect_of
-        run.__name__ = handler.__name__
-        run.__doc__ = handler.__doc__
         return run
 
     return wrap

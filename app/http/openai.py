@@ -60,7 +60,7 @@ async def embeddings(request: Request) -> Response:
 async def models(request: Request) -> Response:
     services = ready_services(request)
     await authenticate(services, request)
-    served = Served.of(services.settings, services.model.manifest)
+    served: Served = request.app.state.served  # built once, in the lifespan
     return JSONResponse(
         {
             "object": "list",
