@@ -167,12 +167,15 @@ REMOTE_APP := /home/smally/smally-api
 EMAIL ?=
 TIER ?=
 LOG_LINES ?= 100
-.PHONY: help-deploy ansible-tools lint-deploy check-dist deploy restart logs create-key backup health rehearse
+RELEASE ?=
+.PHONY: help-deploy ansible-tools lint-deploy check-dist deploy restart releases rollback logs create-key backup health rehearse
 
 help-deploy:
 	@echo "make deploy       ansible/site.yml against INVENTORY=$(INVENTORY) (build first: make build)"
 	@echo "                  refuses a dist/ not built from the working tree (ALLOW_STALE_DIST=1: deploy it anyway)"
 	@echo "make restart      restart smally on the server and wait until health-check.sh passes"
+	@echo "make releases     the releases on the server; * marks the serving one"
+	@echo "make rollback     serve the previous release again (RELEASE=<name>: that one), no request dropped"
 	@echo "make logs         follow the service's journal (LOG_LINES=$(LOG_LINES))"
 	@echo "make create-key EMAIL=alice@example.com TIER=pro   a new API key, printed alone"
 	@echo "make backup       run smally-backup.service now; prints the new backup's path"
@@ -203,6 +206,12 @@ deploy: check-dist ansible-tools
 restart:
 	$(ON_SERVER) $(INVENTORY) -- sudo systemctl restart smally
 	$(ON_SERVER) $(INVENTORY) -- sudo $(REMOTE_APP)/scripts/health-check.sh --wait 120
+
+releases:
+	@$(ON_SERVER) $(INVENTORY) -- sudo $(REMOTE_APP)/scripts/releases.sh list
+
+rollback:
+	$(ON_SERVER) $(INVENTORY) -- sudo $(REMOTE_APP)/scripts/releases.sh rollback $(RELEASE)
 
 logs:
 	$(ON_SERVER) --tty $(INVENTORY) -- sudo journalctl --unit smally --follow --lines $(LOG_LINES)

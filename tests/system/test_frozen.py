@@ -117,6 +117,11 @@ def test_frozen_binaries_serve_from_an_empty_directory(
         assert health["build"]["git_hash"] == head and health["build"]["build_timestamp"]
         assert health["build"]["lock_sha256"] == lock_sha256()
         assert health["version"] == match["version"]
+        # The release the binary names is the one build_binaries.py stamped (its directory name
+        # on a server): the same function computed both.
+        stamp = json.loads((DIST / "BUILD.json").read_text())
+        assert health["build"]["release"] == match["release"] == stamp["release"]
+        assert match["release"].startswith(f"{match['version']}-{head}")
         cases = load_reference()["cases"]
         with api.client(key) as client:
             for case in cases:
