@@ -14,10 +14,15 @@
 #   checks     from the host, through nginx: health, create-key over ssh, the reference vectors,
 #              security headers, limit_req, /metrics refused; port 80, ACME; make health
 #   redeploy   the playbook again: changed=0
-#   restart    make restart: keys and data survive, health comes back; make logs shows them
+#   restart    make restart under steady load through nginx (check_http.py load): no request
+#              fails; keys and data survive, health comes back; make logs shows them
+#   build-b    a second build of the tree (release B: same commit, a later build time)
+#   releases   under steady load each: make deploy of B, then make rollback to A; no request
+#              fails, /health names the release; make releases lists both, marks the serving one
 #   restore    make backup, a new key, restore.sh --yes: the new key is gone, the old one works
 #   security   systemd-analyze security smally.service <= 2.5, and the running service is
-#              exactly systemd/smally.service (no drop-ins, seccomp and no-new-privileges on)
+#              exactly systemd/smally.service (no drop-ins, seccomp and no-new-privileges on),
+#              running the serving release's api, on smally.socket
 #   poweroff   the VM powers off, its overlay is deleted (also on failure, from the EXIT trap)
 #
 # Environment: SMALLY_VM_CACHE (base images, default ~/.cache/smally/vm), SMALLY_REHEARSAL_DIR
@@ -102,10 +107,12 @@ vm_stop() {
     fi
     QEMU_PID=""
 }
+LOAD_STOP=""
 cleanup() {
     local status=$?
     trap - EXIT INT TERM
     set +e
+    [ -z "$LOAD_STOP" ] || touch "$LOAD_STOP" # a load still running stops
     if [ "$status" != 0 ] && [ "${SMALLY_REHEARSAL_KEEP:-}" == 1 ] && vm_running; then
         log "SMALLY_REHEARSAL_KEEP=1: the VM (qemu $QEMU_PID) stays up for a look:"
         log "  ssh -F /dev/null -o UserKnownHostsFile=$RUN/known_hosts -i $RUN/id_ed25519 -p $SSH_PORT admin@127.0.0.1"
@@ -296,6 +303,34 @@ create_key() { # create_key EMAIL TIER: make create-key over ssh; prints the key
     echo "$key"
 }
 
+# under_load NAME COMMAND...: run COMMAND (its output in $RUN/NAME.out) while check_http.py load
+# POSTs /v1/embed through nginx (4 clients, 8 requests/s: under limit_req), from 5 s before to 5 s
+# after; sets LOAD (the load's summary line) and fails the rehearsal if COMMAND or a request fails.
+LOAD=""
+under_load() {
+    local name=$1 stop="$RUN/$1.load-stop" out="$RUN/$1.load" pid status=0
+    shift
+    rm -f "$stop"
+    LOAD_STOP=$stop
+    check load --key "$KEY1" --workers 4 --rate 8 --stop-file "$stop" >"$out" 2>&1 &
+    pid=$!
+    sleep 5
+    "$@" >"$RUN/$name.out" 2>&1 || status=$?
+    sleep 5
+    touch "$stop"
+    wait "$pid" || true
+    LOAD=$(tail -n 1 "$out" | sed 's/^\(ok\|FAIL\) *//')
+    if [ "$status" != 0 ]; then
+        tail -n 40 "$RUN/$name.out" >&2
+        die "$name: the command failed (exit $status; $RUN/$name.out); load: $LOAD"
+    fi
+    grep -q '^ok ' "$out" || { cat "$out" >&2; die "$name under load: $LOAD"; }
+}
+serving_release() { # the release /health names through nginx
+    curl -sS --cacert "$RUN/tls/fullchain.pem" "https://127.0.0.1:$HTTPS_PORT/health" |
+        "$HOST_PY" -c 'import json, sys; print(json.load(sys.stdin)["build"]["release"])'
+}
+
 begin checks "health, keys, reference vectors, headers, limits, /metrics, port 80"
 check health
 KEY1=$(create_key alice@rehearsal.test pro)
@@ -343,10 +378,12 @@ if ! [[ "$recap" =~ changed=0 ]] || ! [[ "$recap" =~ failed=0 ]]; then
 fi
 end
 
-begin restart "make restart: data and keys survive"
+begin restart "make restart under load: no request fails, data and keys survive"
 usage_before=$(vm_ssh "sudo -u postgres psql -d smally -Atc 'SELECT count(*) FROM usage'")
-timeout 300 "${MAKE_VM[@]}" restart >"$RUN/restart.out" 2>&1 || { cat "$RUN/restart.out" >&2; die "make restart failed"; }
+RELEASE_A=$(serving_release)
+under_load restart timeout 300 "${MAKE_VM[@]}" restart
 tail -n 1 "$RUN/restart.out" >&2
+log "zero-downtime restart: $LOAD"
 check health
 check key-ok --key "$KEY1"
 usage_after=$(vm_ssh "sudo -u postgres psql -d smally -Atc 'SELECT count(*) FROM usage'")
@@ -359,6 +396,36 @@ log "usage ledger: $usage_before rows before the restart, $usage_after after; th
 timeout 20 "${MAKE_VM[@]}" logs LOG_LINES=20 >"$RUN/logs.out" 2>&1 || true
 grep -q '"logger":' "$RUN/logs.out" || { cat "$RUN/logs.out" >&2; die "make logs showed no log lines"; }
 log "make logs: $(grep -c '"logger":' "$RUN/logs.out") JSON log lines in 20 s"
+end
+
+begin build-b "a second build of the tree: release B"
+if [ "${SMALLY_SKIP_BUILD:-}" == 1 ]; then log "SMALLY_SKIP_BUILD=1: release B is built all the same"; fi
+# Same commit, a later build time: another release name (app/buildinfo.py release_name).
+make -C "$REPO" --no-print-directory build >"$RUN/build-b.log" 2>&1 || { tail -n 30 "$RUN/build-b.log" >&2; die "the build of release B failed"; }
+cp -a "$REPO/dist/api" "$REPO/dist/create_api_key" "$REPO/dist/BUILD.json" "$STAGE/dist/"
+RELEASE_B=$("$HOST_PY" -c 'import json, sys; print(json.load(open(sys.argv[1]))["release"])' "$STAGE/dist/BUILD.json")
+[ "$RELEASE_B" != "$RELEASE_A" ] || die "the rebuild has the release name of the first build: $RELEASE_A"
+log "release A (serving): $RELEASE_A; release B (built): $RELEASE_B"
+end
+
+begin releases "under load: make deploy of B, make rollback to A; make releases"
+under_load deploy-b deploy "$RUN/deploy-3.log"
+recap=$(grep -E '^rehearsal-vm +: ok=' "$RUN/deploy-3.log" | tail -n 1)
+[[ "$recap" =~ failed=0 ]] || die "the deploy of B: $recap"
+[ "$(serving_release)" == "$RELEASE_B" ] || die "after the deploy of B, /health names $(serving_release)"
+log "zero-downtime deploy: $LOAD"
+timeout 120 "${MAKE_VM[@]}" releases >"$RUN/releases-1.out" 2>&1 || { cat "$RUN/releases-1.out" >&2; die "make releases failed"; }
+sed 's/^/    /' "$RUN/releases-1.out" >&2
+grep -qx "  $RELEASE_A" "$RUN/releases-1.out" && grep -qx "\* $RELEASE_B (serving)" "$RUN/releases-1.out" ||
+    die "make releases does not list A and mark B serving"
+under_load rollback timeout 300 "${MAKE_VM[@]}" rollback
+grep -qx "rollback: serving $RELEASE_A" "$RUN/rollback.out" || { cat "$RUN/rollback.out" >&2; die "make rollback did not say it serves $RELEASE_A"; }
+[ "$(serving_release)" == "$RELEASE_A" ] || die "after make rollback, /health names $(serving_release)"
+log "rollback: serving $RELEASE_A, $LOAD"
+timeout 120 "${MAKE_VM[@]}" releases >"$RUN/releases-2.out" 2>&1 || { cat "$RUN/releases-2.out" >&2; die "make releases failed"; }
+sed 's/^/    /' "$RUN/releases-2.out" >&2
+grep -qx "\* $RELEASE_A (serving)" "$RUN/releases-2.out" && grep -qx "  $RELEASE_B" "$RUN/releases-2.out" ||
+    die "make releases does not mark A serving after the rollback"
 end
 
 begin restore "make backup, a new key, restore.sh --yes"
@@ -389,15 +456,17 @@ vm_ssh 'sudo systemctl show smally -p ActiveState -p SubState -p FragmentPath -p
     pid=$(systemctl show smally -p MainPID --value)
     echo "Exe=$(sudo readlink /proc/$pid/exe)"
     sudo grep -E "^(NoNewPrivs|Seccomp|CapEff|CapBnd):" /proc/$pid/status | tr -d "\t" | tr ":" "="
-    echo "Unit=$(sha256sum </etc/systemd/system/smally.service | cut -c1-64)"' >"$RUN/unit.txt"
+    echo "Unit=$(sha256sum </etc/systemd/system/smally.service | cut -c1-64)"
+    systemctl show smally.socket -p ActiveState -p Listen -p Backlog -p DropInPaths | sed "s/^/Socket/"' >"$RUN/unit.txt"
 sed 's/^/    /' "$RUN/unit.txt" >&2
 want=$(sha256sum <"$REPO/systemd/smally.service" | cut -c1-64)
 for expected in ActiveState=active SubState=running FragmentPath=/etc/systemd/system/smally.service \
-    DropInPaths= NeedDaemonReload=no NRestarts=0 Exe=/home/smally/smally-api/api NoNewPrivs=1 Seccomp=2 \
-    CapEff=0000000000000000 CapBnd=0000000000000000 "Unit=$want"; do
+    DropInPaths= NeedDaemonReload=no NRestarts=0 "Exe=/home/smally/smally-api/releases/$RELEASE_A/api" \
+    NoNewPrivs=1 Seccomp=2 CapEff=0000000000000000 CapBnd=0000000000000000 "Unit=$want" \
+    SocketActiveState=active "SocketListen=127.0.0.1:8000 (Stream)" SocketBacklog=4096 SocketDropInPaths=; do
     grep -qx -- "$expected" "$RUN/unit.txt" || die "the running service does not show $expected"
 done
-log "the service runs under exactly systemd/smally.service: no drop-ins, no restarts, seccomp on, no capabilities"
+log "the service runs under exactly systemd/smally.service: no drop-ins, no restarts, seccomp on, no capabilities; release $RELEASE_A on smally.socket"
 end
 
 begin poweroff "power the VM off and delete its overlay"
