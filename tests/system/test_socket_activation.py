@@ -6,42 +6,11 @@ outlives the process, so a connection made while no process runs waits and is se
 from __future__ import annotations
 
 import socket
-import stat
 from pathlib import Path
 
 from dev.launcher import VENV_BIN
 from tests.conftest import Servers
-from tests.helpers import ApiProcess, base_env
-
-REQUEST = b"GET /health HTTP/1.1\r\nHost: smally\r\nConnection: close\r\n\r\n"
-
-
-def activated(workdir: Path, listener: socket.socket) -> Path:
-    """What systemd does: the socket as descriptor 3, LISTEN_PID the pid of the program."""
-    wrapper = workdir / "as-systemd.sh"
-    wrapper.write_text(
-        "#!/usr/bin/env bash\n"
-        "export LISTEN_FDS=1 LISTEN_PID=$$\n"
-        f'exec "{VENV_BIN / "api"}" "$@" 3<&{listener.fileno()}\n'
-    )
-    wrapper.chmod(wrapper.stat().st_mode | stat.S_IXUSR)
-    return wrapper
-
-
-def queued_request(port: int) -> socket.socket:
-    """A request sent while no process accepts: the kernel holds it in the socket's queue."""
-    client = socket.create_connection(("127.0.0.1", port), timeout=5)
-    client.sendall(REQUEST)
-    client.settimeout(90)
-    return client
-
-
-def answer(client: socket.socket) -> bytes:
-    chunks = []
-    with client:
-        while chunk := client.recv(65536):
-            chunks.append(chunk)
-    return b"".join(chunks)
+from tests.helpers import ApiProcess, base_env, queued_request, read_answer, socket_activated
 
 
 def test_api_serves_on_the_socket_systemd_passes_and_the_socket_outlives_it(
@@ -50,7 +19,7 @@ def test_api_serves_on_the_socket_systemd_passes_and_the_socket_outlives_it(
     env = base_env(DATABASE_URL=servers.new_database(), REDIS_URL=servers.redis_url)
     with socket.create_server(("127.0.0.1", 0), backlog=16) as listener:
         port = listener.getsockname()[1]
-        wrapper = activated(tmp_path, listener)
+        wrapper = socket_activated(tmp_path, listener, VENV_BIN / "api")
         for generation in ("first", "second"):
             # Sent before the process exists (the first), or after the previous one exited (the
             # second, a restart): either way it waits, and is answered by a ready process.
@@ -60,7 +29,7 @@ def test_api_serves_on_the_socket_systemd_passes_and_the_socket_outlives_it(
             )
             api.start()
             try:
-                body = answer(early)
+                body = read_answer(early)
                 assert body.startswith(b"HTTP/1.1 200"), (generation, body[:300], api.logs())
                 # Accepted only after the lifespan started: the model was loaded, not "error".
                 assert b'"status":"healthy"' in body and b'"model":"ok"' in body, body
