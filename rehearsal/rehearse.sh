@@ -16,9 +16,13 @@
 #   redeploy   the playbook again: changed=0
 #   restart    make restart under steady load through nginx (check_http.py load): no request
 #              fails; keys and data survive, health comes back; make logs shows them
+#   rotate     the database password rotated as docs/operations.md says (ansible-vault edit, make
+#              deploy): the old one refused, the service healthy
 #   build-b    a second build of the tree (release B: same commit, a later build time)
 #   releases   under steady load each: make deploy of B, then make rollback to A; no request
 #              fails, /health names the release; make releases lists both, marks the serving one
+#   operate    docs/operations.md's commands: make api (keys list/revoke, usage, migrate --status,
+#              --rollback), the troubleshooting commands on the healthy server, certbot renew
 #   restore    make backup, a new key, restore.sh --yes: the new key is gone, the old one works
 #   security   systemd-analyze security smally.service <= 2.5, and the running service is
 #              exactly systemd/smally.service (no drop-ins, seccomp and no-new-privileges on),
@@ -398,6 +402,25 @@ grep -q '"logger":' "$RUN/logs.out" || { cat "$RUN/logs.out" >&2; die "make logs
 log "make logs: $(grep -c '"logger":' "$RUN/logs.out") JSON log lines in 20 s"
 end
 
+begin rotate "the database password rotated: ansible-vault edit, make deploy (docs/operations.md)"
+old_db_password=$(ANSIBLE_VAULT_PASSWORD_FILE="$RUN/vault_pass" "$ANSIBLE_VENV/bin/ansible-vault" view \
+    "$STAGE/ansible/group_vars/all/vault.yml" | sed -n 's/^vault_smally_db_password: "\(.*\)"$/\1/p')
+[[ "$old_db_password" =~ ^[0-9a-f]{48}$ ]] || die "no database password found in the vault"
+new_db_password=$(openssl rand -hex 24)
+# The runbook's command, with sed for the operator's editor.
+ANSIBLE_VAULT_PASSWORD_FILE="$RUN/vault_pass" EDITOR="sed -i s/$old_db_password/$new_db_password/" "$ANSIBLE_VENV/bin/ansible-vault" edit "$STAGE/ansible/group_vars/all/vault.yml"
+recap=$(deploy "$RUN/deploy-rotate.log")
+[[ "$recap" =~ failed=0 ]] && ! [[ "$recap" =~ changed=0 ]] || die "the deploy with the new password: $recap"
+check health
+check key-ok --key "$KEY1"
+if vm_ssh "PGPASSWORD=$old_db_password psql -h 127.0.0.1 -U smally -d smally -Atc 'SELECT 1'" >/dev/null 2>&1; then
+    die "the old database password still opens a session"
+fi
+timeout 120 "${MAKE_VM[@]}" api ARGS='migrate --status' >"$RUN/migrate-status-rotated.out" 2>&1 ||
+    { cat "$RUN/migrate-status-rotated.out" >&2; die "api migrate --status with the rotated password failed"; }
+log "database password rotated ($recap): the old one is refused, the service and the scripts use the new one"
+end
+
 begin build-b "a second build of the tree: release B"
 if [ "${SMALLY_SKIP_BUILD:-}" == 1 ]; then log "SMALLY_SKIP_BUILD=1: release B is built all the same"; fi
 # Same commit, a later build time: another release name (app/buildinfo.py release_name).
@@ -426,6 +449,50 @@ timeout 120 "${MAKE_VM[@]}" releases >"$RUN/releases-2.out" 2>&1 || { cat "$RUN/
 sed 's/^/    /' "$RUN/releases-2.out" >&2
 grep -qx "\* $RELEASE_A (serving)" "$RUN/releases-2.out" && grep -qx "  $RELEASE_B" "$RUN/releases-2.out" ||
     die "make releases does not mark A serving after the rollback"
+end
+
+begin operate "the runbook's commands: keys, usage, migrations, diagnostics, certbot"
+api_vm() { # api_vm NAME ARGS: make api ARGS='...' (the server's api), its output in $RUN/NAME.out
+    local name=$1
+    shift
+    timeout 180 "${MAKE_VM[@]}" api "$@" >"$RUN/$name.out" 2>&1 || { cat "$RUN/$name.out" >&2; die "make api $* failed"; }
+}
+api_vm keys-list ARGS="keys list alice@rehearsal.test"
+grep -q "^${KEY1:0:11}[[:space:]]active" "$RUN/keys-list.out" || { cat "$RUN/keys-list.out" >&2; die "keys list does not show alice's key"; }
+api_vm usage ARGS="usage alice@rehearsal.test --month $(date -u +%Y-%m)"
+grep -Eq '^total +[1-9][0-9]* +[1-9]' "$RUN/usage.out" || { cat "$RUN/usage.out" >&2; die "usage shows no embeddings for alice"; }
+KEY_REVOKED=$(create_key revoked@rehearsal.test free)
+check key-ok --key "$KEY_REVOKED"
+api_vm keys-revoke ARGS="keys revoke ${KEY_REVOKED:0:11}"
+grep -qx "revoked ${KEY_REVOKED:0:11}" "$RUN/keys-revoke.out" || { cat "$RUN/keys-revoke.out" >&2; die "keys revoke said otherwise"; }
+sleep 11 # AUTH_CACHE_TTL (10 s): a revoked key is refused within it
+check key-refused --key "$KEY_REVOKED"
+api_vm migrate-status-1 ARGS='migrate --status'
+grep -q pending "$RUN/migrate-status-1.out" && die "a migration is pending: $(cat "$RUN/migrate-status-1.out")"
+api_vm migrate-rollback ARGS='migrate --rollback'
+grep -q 'rolled back$' "$RUN/migrate-rollback.out" || { cat "$RUN/migrate-rollback.out" >&2; die "migrate --rollback reverted nothing"; }
+reverted=$(grep 'rolled back$' "$RUN/migrate-rollback.out" | cut -f1)
+timeout 300 "${MAKE_VM[@]}" restart >"$RUN/restart-migrate.out" 2>&1 || { cat "$RUN/restart-migrate.out" >&2; die "make restart failed"; }
+api_vm migrate-status-2 ARGS='migrate --status'
+grep -q pending "$RUN/migrate-status-2.out" && die "the restart did not re-apply $reverted"
+log "make api: keys list, usage, keys revoke (refused after 11 s), migrate --status, --rollback of $reverted (re-applied by a restart)"
+# The troubleshooting commands, on the healthy server: what each shows when all is well.
+vm_ssh 'sudo systemctl status smally --no-pager' >"$RUN/status.out" 2>&1 || true
+grep -q 'Active: active (running)' "$RUN/status.out" || { cat "$RUN/status.out" >&2; die "systemctl status smally"; }
+vm_ssh 'sudo systemctl status smally.socket --no-pager' >"$RUN/status-socket.out" 2>&1 || true
+grep -q 'Active: active' "$RUN/status-socket.out" || { cat "$RUN/status-socket.out" >&2; die "systemctl status smally.socket"; }
+vm_ssh 'file -L /home/smally/smally-api/current/api' >"$RUN/file.out"
+grep -q 'ELF 64-bit.*x86-64' "$RUN/file.out" || die "file -L current/api: $(cat "$RUN/file.out")"
+vm_ssh 'ldd /home/smally/smally-api/current/api' >"$RUN/ldd.out" 2>&1 || true
+grep -q 'libc.so.6' "$RUN/ldd.out" && ! grep -q 'not found' "$RUN/ldd.out" || { cat "$RUN/ldd.out" >&2; die "ldd current/api"; }
+vm_ssh 'curl -sS http://127.0.0.1:8000/health' >"$RUN/health-direct.out"
+grep -q '"status":"healthy"' "$RUN/health-direct.out" || die "curl /health: $(cat "$RUN/health-direct.out")"
+vm_ssh 'sudo journalctl -u smally -n 50 --no-pager' >"$RUN/journal.out"
+grep -q '"logger":' "$RUN/journal.out" || die "journalctl -u smally shows no log lines"
+vm_ssh 'sudo certbot renew' >"$RUN/certbot.out" 2>&1 || { cat "$RUN/certbot.out" >&2; die "certbot renew failed"; }
+[ "$(vm_ssh 'systemctl is-enabled certbot.timer')" == enabled ] || die "certbot.timer is not enabled"
+vm_ssh 'test -x /etc/letsencrypt/renewal-hooks/deploy/smally-reload-nginx' || die "no certbot deploy hook for nginx"
+log "troubleshooting commands: status, socket, file, ldd, /health, journal; certbot renew and its timer"
 end
 
 begin restore "make backup, a new key, restore.sh --yes"
