@@ -185,7 +185,7 @@ REMOTE_APP := /home/smally/smally-api
 EMAIL ?=
 TIER ?=
 LOG_LINES ?= 100
-.PHONY: help-deploy ansible-tools lint-deploy check-dist deploy restart logs create-key backup health rehearse
+.PHONY: help-deploy ansible-tools lint-deploy check-dist deploy restart logs create-key api backup health rehearse
 
 help-deploy:
 	@echo "make deploy       ansible/site.yml against INVENTORY=$(INVENTORY) (build first: make build)"
@@ -193,6 +193,7 @@ help-deploy:
 	@echo "make restart      restart smally on the server and wait until health-check.sh passes"
 	@echo "make logs         follow the service's journal (LOG_LINES=$(LOG_LINES))"
 	@echo "make create-key EMAIL=alice@example.com TIER=pro   a new API key, printed alone"
+	@echo "make api ARGS='keys revoke sk_1a2b3c4d'   the server's api command (keys, usage, migrate)"
 	@echo "make backup       run smally-backup.service now; prints the new backup's path"
 	@echo "make health       scripts/health-check.sh on the server (exit status: pass/fail)"
 	@echo "make lint-deploy  ansible-lint (production profile) and bash -n on the scripts"
@@ -228,6 +229,13 @@ logs:
 create-key:
 	@test -n "$(EMAIL)" || { echo "usage: make create-key EMAIL=alice@example.com [TIER=free|pro|scale]" >&2; exit 2; }
 	@$(ON_SERVER) $(INVENTORY) -- sudo $(REMOTE_APP)/scripts/create-api-key.sh "$(EMAIL)" $(TIER)
+
+# The service's own `api` command on the server (scripts/api.sh: its .env, as smally), e.g.
+# ARGS='keys list alice@example.com', 'keys revoke sk_1a2b3c4d', 'usage alice@example.com', 'migrate --status'.
+ARGS ?=
+api:
+	@test -n "$(ARGS)" || { echo "usage: make api ARGS='keys list alice@example.com'" >&2; exit 2; }
+	@$(ON_SERVER) $(INVENTORY) -- sudo $(REMOTE_APP)/scripts/api.sh $(ARGS)
 
 backup:
 	@$(ON_SERVER) $(INVENTORY) -- sudo sh -c 'systemctl start smally-backup.service && ls -1d /home/smally/backups/smally-*.sql.gz | tail -n 1'
