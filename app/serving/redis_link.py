@@ -2,7 +2,8 @@
 
 Callers check `available` before a call and report failures with `failed()`; while Redis is down
 they skip it instead of each waiting for a timeout. A background probe notices the recovery,
-and the transition (either way) is logged once, not per request.
+and the transition (either way) is logged once, not per request, and reported to `on_change`
+(the smally_redis_up gauge).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import redis.asyncio as aioredis
 log = logging.getLogger(__name__)
 
 RecoveryHook = Callable[[], Awaitable[None]]
+StateHook = Callable[[bool], None]
 
 
 class RedisLink:
@@ -29,6 +31,7 @@ class RedisLink:
         probe_interval: float = 1.0,
         max_connections: int = 64,
         pool_timeout: float = 10.0,
+        on_change: StateHook = lambda up: None,
     ) -> None:
         # A burst waits (up to `pool_timeout`) for one of `max_connections` instead of failing:
         # a busy pool is not Redis being down, and the quota must not fall back to PostgreSQL
@@ -46,6 +49,8 @@ class RedisLink:
         self.key_prefix = key_prefix
         self.probe_interval = probe_interval
         self.available = True
+        self.on_change = on_change
+        on_change(True)  # the reported state follows `available` from the start
         self._recovery_hooks: list[RecoveryHook] = []
         self._probe: asyncio.Task[None] | None = None
 
@@ -62,6 +67,7 @@ class RedisLink:
                 "redis unreachable: serving without it (quotas from PostgreSQL, no L2 cache)",
                 extra={"error": type(exc).__name__},
             )
+            self.on_change(False)
 
     async def ping(self) -> bool:
         try:
@@ -95,3 +101,4 @@ class RedisLink:
                 else:
                     self.available = True
                     log.warning("redis reachable again: back to normal")
+                    self.on_change(True)

@@ -70,7 +70,15 @@ class Services:
         except BaseException:
             await pool.close()
             raise
-        redis = RedisLink(settings.redis_url, key_prefix=settings.redis_key_prefix)
+        cache_url = settings.cache_redis_url
+        own_cache_link = bool(cache_url) and cache_url != settings.redis_url
+        # One link serving both roles reports both, so the gauge has the same series either way.
+        roles = ("counters",) if own_cache_link else ("counters", "cache")
+        redis = RedisLink(
+            settings.redis_url,
+            key_prefix=settings.redis_key_prefix,
+            on_change=metrics.redis_state(*roles),
+        )
         usage = UsageRecorder(
             pool,
             max_buffered=settings.usage_buffer_max,
@@ -91,11 +99,15 @@ class Services:
             usage,
             settings.tier_limits,
             on_refused=lambda tier: metrics.rate_limited.labels(tier).inc(),
+            on_rebuild=metrics.quota_rebuilds.inc,
         )
-        cache_url = settings.cache_redis_url
         cache_redis = (
-            RedisLink(cache_url, key_prefix=settings.redis_key_prefix)
-            if cache_url and cache_url != settings.redis_url
+            RedisLink(
+                cache_url,
+                key_prefix=settings.redis_key_prefix,
+                on_change=metrics.redis_state("cache"),
+            )
+            if own_cache_link
             else None
         )
         cache = EmbeddingCache(

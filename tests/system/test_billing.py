@@ -417,6 +417,9 @@ def test_metrics_with_two_workers_and_the_dashboard(env: dict[str, str], tmp_pat
     assert _metric(text, "smally_token_count_count") == 20
     assert _metric(text, "smally_inference_latency_seconds_count") >= 10
     assert _metric(text, "smally_build_info", model="all-MiniLM-L6-v2") == 1
+    # Gauges of both workers, aggregated: the Redis they share is up for each role.
+    assert _metric(text, "smally_redis_up", role="counters") == 1
+    assert _metric(text, "smally_redis_up", role="cache") == 1
     exported = set(families)
     for name in (
         "smally_requests",
@@ -430,6 +433,8 @@ def test_metrics_with_two_workers_and_the_dashboard(env: dict[str, str], tmp_pat
         "smally_usage_buffer_records",
         "smally_usage_dropped",
         "smally_build_info",
+        "smally_redis_up",
+        "smally_quota_counter_rebuilds",
     ):
         assert name in exported, name
 
@@ -437,7 +442,7 @@ def test_metrics_with_two_workers_and_the_dashboard(env: dict[str, str], tmp_pat
     import json
     import re
 
-    dashboard = json.loads((REPO / "scripts" / "grafana" / "smally-dashboard.json").read_text())
+    dashboard = json.loads((REPO / "monitoring" / "grafana-dashboard.json").read_text())
     exprs = [t["expr"] for panel in dashboard["panels"] for t in panel["targets"]]
     assert exprs
     samples = {s.name for f in families.values() for s in f.samples} | exported

@@ -96,6 +96,76 @@ def test_api_migrate_status_lists_without_applying(env: dict[str, str], tmp_path
     assert "_yoyo_migration" in tables(env["DATABASE_URL"])
 
 
+def delete_rule(database_url: str) -> str:
+    """How deleting a user treats its usage rows: 'c' cascade (0001), 'r' restrict (0003)."""
+    with psycopg.connect(database_url) as conn:
+        row = conn.execute(
+            "SELECT confdeltype FROM pg_constraint WHERE conname = 'usage_user_id_fkey'"
+        ).fetchone()
+    return row[0]
+
+
+def test_api_migrate_rollback_reverts_the_newest_and_migrate_reapplies(
+    env: dict[str, str], tmp_path: Path
+) -> None:
+    url = env["DATABASE_URL"]
+    assert run_cli("api", "migrate", env=env, cwd=tmp_path).returncode == 0
+    assert delete_rule(url) == "r"
+    reverted = run_cli("api", "migrate", "--rollback", env=env, cwd=tmp_path)
+    assert reverted.returncode == 0, reverted.stderr
+    lines = reverted.stdout.splitlines()
+    assert lines[0] == "0003_keep_billing_history\trolled back", lines
+    assert "0003_keep_billing_history\tpending" in lines
+    assert delete_rule(url) == "c"  # its .rollback.sql ran
+    again = run_cli("api", "migrate", env=env, cwd=tmp_path)
+    assert "0003_keep_billing_history" in again.stdout and "(applied now)" in again.stdout
+    assert delete_rule(url) == "r"
+
+
+def test_api_migrate_rollback_to_keeps_that_one(env: dict[str, str], tmp_path: Path) -> None:
+    url = env["DATABASE_URL"]
+    assert run_cli("api", "migrate", env=env, cwd=tmp_path).returncode == 0
+    assert "quota_fallback" in tables(url)
+    result = run_cli("api", "migrate", "--rollback", "--to", "0001_initial", env=env, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    reverted = [line.split("\t")[0] for line in result.stdout.splitlines() if "rolled back" in line]
+    assert sorted(reverted) == ["0002_quota_fallback", "0003_keep_billing_history"]
+    assert "quota_fallback" not in tables(url) and "users" in tables(url)
+    assert "0001_initial\tpending" not in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "status", "message"),
+    [
+        (["--to", "0001_initial"], 2, "--to goes with --rollback"),
+        (["--rollback", "--status"], 2, "exclude each other"),
+        (["--rollback", "--to", "0042_nothing"], 1, "is not an applied migration"),
+    ],
+)
+def test_api_migrate_rollback_refuses_bad_requests(
+    env: dict[str, str], tmp_path: Path, args: list[str], status: int, message: str
+) -> None:
+    assert run_cli("api", "migrate", env=env, cwd=tmp_path).returncode == 0
+    result = run_cli("api", "migrate", *args, env=env, cwd=tmp_path)
+    assert result.returncode == status and message in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_api_migrate_rollback_never_drops_the_initial_schema(
+    env: dict[str, str], tmp_path: Path
+) -> None:
+    url = env["DATABASE_URL"]
+    assert run_cli("api", "migrate", env=env, cwd=tmp_path).returncode == 0
+    to_first = run_cli(
+        "api", "migrate", "--rollback", "--to", "0001_initial", env=env, cwd=tmp_path
+    )
+    assert to_first.returncode == 0, to_first.stderr
+    result = run_cli("api", "migrate", "--rollback", env=env, cwd=tmp_path)
+    assert result.returncode == 1 and "0001_initial is not rolled back" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert {"users", "api_keys", "usage"} <= set(tables(url))
+
+
 @pytest.mark.parametrize("program", ["api", "create_api_key"])
 def test_version(program: str, tmp_path: Path) -> None:
     result = run_cli(program, "--version", env=base_env(), cwd=tmp_path)
@@ -160,3 +230,20 @@ def test_unreachable_database_is_one_line(env: dict[str, str], tmp_path: Path) -
     assert result.returncode == 1
     assert "DATABASE_URL" in result.stderr and "hunter2" not in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_api_migrate_rollback_stops_at_a_failing_step(env: dict[str, str], tmp_path: Path) -> None:
+    """yoyo's own rollback_migrations() skips a step that fails; ours stops and says so."""
+    url = env["DATABASE_URL"]
+    assert run_cli("api", "migrate", env=env, cwd=tmp_path).returncode == 0
+    with psycopg.connect(url, autocommit=True) as conn:
+        # 0002's rollback re-creates this index: let it already exist.
+        conn.execute("CREATE INDEX usage_user_created_idx ON usage (user_id, created_at)")
+    result = run_cli("api", "migrate", "--rollback", "--to", "0001_initial", env=env, cwd=tmp_path)
+    assert result.returncode == 1, result.stdout
+    assert "rolling back 0002_quota_fallback failed" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert "quota_fallback" in tables(url)  # its transaction was rolled back whole
+    status = run_cli("api", "migrate", "--status", env=env, cwd=tmp_path).stdout
+    assert "0002_quota_fallback\tpending" not in status
+    assert "0003_keep_billing_history\tpending" in status

@@ -10,7 +10,7 @@ import pytest
 
 from app.config import TIERS, ConfigError, Settings, read_dotenv, settings_variables
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 REQUIRED = {
     "DATABASE_URL": "postgresql://u:p@db.example:5432/smally",

@@ -168,3 +168,45 @@ def test_put_keeps_a_copy_not_a_view_of_the_batch(run) -> None:
         assert not hit.vector.flags.writeable
 
     run(scenario)
+
+
+async def command_calls(link: RedisLink) -> dict[str, int]:
+    """Calls per Redis command so far (INFO commandstats), e.g. {"mget": 3, "set": 40}."""
+    stats = await link.client.info("commandstats")
+    return {name.removeprefix("cmdstat_"): int(value["calls"]) for name, value in stats.items()}
+
+
+def test_a_batch_costs_one_l2_read_and_keeps_the_order_and_levels(run) -> None:
+    async def scenario(link: RedisLink) -> None:
+        writer = new_cache(link, l1_size=1000)
+        keys = [writer.key([101, i, 102], True, 1) for i in range(300)]
+        await writer.put_many([(key, vector(i)) for i, key in enumerate(keys[:200])])
+        reader = new_cache(link, l1_size=1000)
+        await reader.put(keys[0], vector(0))  # one in the reader's L1 too
+        before = await command_calls(link)
+        hits = await reader.get_many(keys)
+        after = await command_calls(link)
+        assert after.get("mget", 0) - before.get("mget", 0) == 1
+        assert after.get("get", 0) == before.get("get", 0)  # no read per key
+        assert hits[0] is not None and hits[0].level == "l1"
+        assert all(h is not None and h.level == "l2" for h in hits[1:200])
+        assert all(h is None for h in hits[200:])
+        for i in (1, 57, 199):
+            assert np.array_equal(hits[i].vector, vector(i))  # each answer at its own place
+        again = await reader.get_many(keys[1:200])
+        assert all(h is not None and h.level == "l1" for h in again)  # L2 hits filled L1
+
+    run(scenario)
+
+
+def test_put_many_stores_every_entry_with_its_expiry(run, key_prefix: str) -> None:
+    async def scenario(link: RedisLink) -> None:
+        cache = new_cache(link, l1_size=0)
+        keys = [cache.key([101, i, 102], True, 1) for i in range(50)]
+        await cache.put_many([(key, vector(i)) for i, key in enumerate(keys)])
+        stored = [k async for k in link.client.scan_iter(match=f"{key_prefix}emb:*")]
+        assert len(stored) == 50
+        ttls = [await link.client.ttl(k) for k in stored[:5]]
+        assert all(0 < ttl <= 60 for ttl in ttls), ttls
+
+    run(scenario)

@@ -11,6 +11,7 @@ from dataclasses import dataclass, replace
 import psycopg
 import pytest
 
+from app.metrics import Metrics
 from app.serving.auth import Principal
 from app.serving.postgres import open_pool
 from app.serving.quota import UNLIMITED, QuotaExceeded, QuotaService
@@ -28,6 +29,7 @@ class Stack:
     usage: UsageRecorder
     link: RedisLink
     principal: Principal  # a free-tier user of its own, LIMIT embeddings a month
+    metrics: Metrics  # the service's metrics, fed by the quota's callbacks as services.py does
 
 
 @asynccontextmanager
@@ -35,10 +37,17 @@ async def stack(database_url: str, redis_url: str, key_prefix: str) -> AsyncIter
     pool = await open_pool(database_url, max_size=2)
     link = RedisLink(redis_url, key_prefix=key_prefix)
     usage = UsageRecorder(pool)
-    quota = QuotaService(link, pool, usage, {"free": LIMIT, "scale": UNLIMITED})
+    metrics = Metrics()
+    quota = QuotaService(
+        link,
+        pool,
+        usage,
+        {"free": LIMIT, "scale": UNLIMITED},
+        on_rebuild=metrics.quota_rebuilds.inc,
+    )
     principal = new_user(database_url, f"q-{uuid.uuid4().hex[:8]}@example.com")
     try:
-        yield Stack(quota, usage, link, principal)
+        yield Stack(quota, usage, link, principal, metrics)
     finally:
         await usage.flush()
         await link.stop()
@@ -155,6 +164,31 @@ def test_refuse_if_known_exhausted_remembers_only_a_used_up_month(run) -> None:
         s.quota.refuse_if_known_exhausted(replace(s.principal, user_id=s.principal.user_id + 1))
         s.quota.limits["free"] = LIMIT + 10
         s.quota.refuse_if_known_exhausted(s.principal)
+
+    run(scenario)
+
+
+def rebuilds(metrics: Metrics) -> float | None:
+    return metrics.registry.get_sample_value("smally_quota_counter_rebuilds_total")
+
+
+def test_every_counter_rebuild_is_counted(run) -> None:
+    async def scenario(s: Stack) -> None:
+        assert rebuilds(s.metrics) == 0  # the series exists before the first rebuild
+        # A user's first request of the month finds no counter: one rebuild, then none.
+        reservation = await s.quota.reserve(s.principal, 1, 1)
+        assert rebuilds(s.metrics) == 1
+        await s.quota.reserve(s.principal, 1, 1)
+        assert rebuilds(s.metrics) == 1
+        # The key vanishes (eviction, FLUSHALL): the next decision rebuilds it, and counts it.
+        assert reservation.counter_key is not None
+        assert await s.link.client.delete(reservation.counter_key) == 1
+        await s.quota.reserve(s.principal, 1, 1)
+        assert rebuilds(s.metrics) == 2
+        # A counter that is not a rebuild's (no expiry) is dropped and rebuilt: counted too.
+        await s.link.client.persist(reservation.counter_key)
+        await s.quota.status(s.principal)
+        assert rebuilds(s.metrics) == 3
 
     run(scenario)
 
