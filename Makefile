@@ -185,14 +185,18 @@ REMOTE_APP := /home/smally/smally-api
 EMAIL ?=
 TIER ?=
 LOG_LINES ?= 100
-.PHONY: help-deploy ansible-tools lint-deploy check-dist deploy restart logs create-key backup health rehearse
+RELEASE ?=
+.PHONY: help-deploy ansible-tools lint-deploy check-dist deploy restart releases rollback logs create-key api backup health rehearse
 
 help-deploy:
 	@echo "make deploy       ansible/site.yml against INVENTORY=$(INVENTORY) (build first: make build)"
 	@echo "                  refuses a dist/ not built from the working tree (ALLOW_STALE_DIST=1: deploy it anyway)"
 	@echo "make restart      restart smally on the server and wait until health-check.sh passes"
+	@echo "make releases     the releases on the server; * marks the serving one"
+	@echo "make rollback     serve the previous release again (RELEASE=<name>: that one), no request dropped"
 	@echo "make logs         follow the service's journal (LOG_LINES=$(LOG_LINES))"
 	@echo "make create-key EMAIL=alice@example.com TIER=pro   a new API key, printed alone"
+	@echo "make api ARGS='keys revoke sk_1a2b3c4d'   the server's api command (keys, usage, migrate)"
 	@echo "make backup       run smally-backup.service now; prints the new backup's path"
 	@echo "make health       scripts/health-check.sh on the server (exit status: pass/fail)"
 	@echo "make lint-deploy  ansible-lint (production profile) and bash -n on the scripts"
@@ -222,12 +226,25 @@ restart:
 	$(ON_SERVER) $(INVENTORY) -- sudo systemctl restart smally
 	$(ON_SERVER) $(INVENTORY) -- sudo $(REMOTE_APP)/scripts/health-check.sh --wait 120
 
+releases:
+	@$(ON_SERVER) $(INVENTORY) -- sudo $(REMOTE_APP)/scripts/releases.sh list
+
+rollback:
+	$(ON_SERVER) $(INVENTORY) -- sudo $(REMOTE_APP)/scripts/releases.sh rollback $(RELEASE)
+
 logs:
 	$(ON_SERVER) --tty $(INVENTORY) -- sudo journalctl --unit smally --follow --lines $(LOG_LINES)
 
 create-key:
 	@test -n "$(EMAIL)" || { echo "usage: make create-key EMAIL=alice@example.com [TIER=free|pro|scale]" >&2; exit 2; }
 	@$(ON_SERVER) $(INVENTORY) -- sudo $(REMOTE_APP)/scripts/create-api-key.sh "$(EMAIL)" $(TIER)
+
+# The service's own `api` command on the server (scripts/api.sh: its .env, as smally), e.g.
+# ARGS='keys list alice@example.com', 'keys revoke sk_1a2b3c4d', 'usage alice@example.com', 'migrate --status'.
+ARGS ?=
+api:
+	@test -n "$(ARGS)" || { echo "usage: make api ARGS='keys list alice@example.com'" >&2; exit 2; }
+	@$(ON_SERVER) $(INVENTORY) -- sudo $(REMOTE_APP)/scripts/api.sh $(ARGS)
 
 backup:
 	@$(ON_SERVER) $(INVENTORY) -- sudo sh -c 'systemctl start smally-backup.service && ls -1d /home/smally/backups/smally-*.sql.gz | tail -n 1'

@@ -33,7 +33,24 @@ def build_info() -> dict[str, Any]:
         )
     info["version"] = __version__
     info["python"] = platform.python_version()
+    info["release"] = release_name(info)
     return info
+
+
+def release_name(info: dict[str, Any]) -> str:
+    """The release a build is deployed as, and the name of its directory on the server
+    (`releases/<name>/`): `<version>-<git hash>[-dirty][-<build time>]`. The build time tells
+    two builds of the same commit apart, so that a rebuild is a new release; a source checkout
+    has none. build/build_binaries.py writes it into BUILD.json with this same function, and
+    /health and --version show it from the build info embedded in the binary."""
+    parts = [str(info.get("version") or __version__), str(info.get("git_hash") or "unknown")]
+    if info.get("git_dirty"):
+        parts.append("dirty")
+    built = info.get("build_timestamp")
+    if built:
+        # 2026-12-02T16:15:00Z -> 20261202T161500Z: letters and digits only, sorts by time.
+        parts.append("".join(ch for ch in str(built) if ch.isalnum()))
+    return "-".join(parts)
 
 
 def version_line(program: str) -> str:
@@ -42,7 +59,10 @@ def version_line(program: str) -> str:
     built = info.get("build_timestamp") or "source"
     lock = (info.get("lock_sha256") or "unknown")[:12]
     git = info.get("git_hash") or "unknown"
-    return f"{program} {info['version']} (git {git}{dirty}, {built}, lock {lock})"
+    release = info["release"]
+    return (
+        f"{program} {info['version']} (git {git}{dirty}, {built}, lock {lock}, release {release})"
+    )
 
 
 def _git(*args: str) -> str | None:

@@ -32,6 +32,7 @@ from lock import lock_sha256  # noqa: E402
 from stamp import working_tree, write  # noqa: E402
 
 from app import __version__  # noqa: E402
+from app.buildinfo import release_name  # noqa: E402
 
 PROGRAMS = ("api", "create_api_key")
 LOCKED = REPO / "requirements" / "build.txt"
@@ -182,7 +183,9 @@ def main() -> int:
             failed = True
     if failed:
         return 1
-    print(f"stamp: {write(args.dist, info, platform.machine())}")
+    # The release name (the directory on the server) from the very function the binary uses.
+    info["release"] = release_name(info)
+    print(f"stamp: {write(args.dist, info, platform.machine())} (release {info['release']})")
     return 0
 
 

@@ -64,7 +64,11 @@ def write(dist: Path, info: dict[str, object], arch: str) -> Path:
     path = dist / STAMP
     stamp = {key: info.get(key) for key in COMPARED}
     stamp.update(
-        arch=arch, version=info.get("version"), build_timestamp=info.get("build_timestamp")
+        arch=arch,
+        version=info.get("version"),
+        build_timestamp=info.get("build_timestamp"),
+        # The directory ansible/site.yml uploads the build into: releases/<release>/.
+        release=info.get("release"),
     )
     path.write_text(json.dumps(stamp, indent=2) + "\n")
     return path

@@ -109,6 +109,8 @@ class ApiProcess:
     log_dir: Path | None = None  # None: workdir
     console: bool = False
     own_session: bool = False
+    # Descriptors the child inherits (a listening socket, as systemd passes one).
+    pass_fds: tuple[int, ...] = ()
     process: subprocess.Popen[bytes] | None = None
     signalled: bool = False
 
@@ -141,6 +143,7 @@ class ApiProcess:
                 stdout=log,
                 stderr=None if log is None else subprocess.STDOUT,
                 start_new_session=self.own_session,
+                pass_fds=self.pass_fds,
             )
         finally:
             if log is not None:

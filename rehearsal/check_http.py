@@ -12,6 +12,10 @@ CHECK is one of:
   burst      a burst beyond the limit_req rate on /v1/ gets 429 from nginx
   metrics    /metrics through nginx from outside the machine is refused (403)
   http       port 80 redirects to HTTPS, and serves ACME challenges (--acme-token NAME:CONTENT)
+  load       steady load until --stop-file exists: --workers clients POST /v1/embed with --key,
+             --rate requests/s in all (under nginx's limit_req); every answer but a 200, and
+             every connection error, is a failure. Prints "<n> requests, <f> failed, slowest
+             <s> s, releases <names>" (the releases /health named meanwhile); exit 1 if f > 0
 Exit status 0 when the check passes; one line says what was seen.
 """
 
@@ -21,8 +25,10 @@ import argparse
 import concurrent.futures
 import json
 import math
+import os
 import ssl
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -184,11 +190,74 @@ def check_http(args: argparse.Namespace) -> int:
     return ok("port 80: 301 to HTTPS, ACME challenge served")
 
 
+def check_load(args: argparse.Namespace) -> int:
+    if not args.stop_file:
+        return fail("load needs --stop-file")
+    interval = args.workers / args.rate  # each worker's time between two starts
+    lock = threading.Lock()
+    done: list[float] = []  # each 200's duration
+    failures: list[str] = []
+    releases: list[str] = []
+
+    def worker(index: int) -> None:
+        text = f"steady load from worker {index}"
+        while not os.path.exists(args.stop_file):
+            started = time.monotonic()
+            try:
+                # Long enough for a request that waits out a restart in the socket's queue.
+                url = f"{args.https}/v1/embed"
+                answer = request(url, args.ca, data={"text": text}, key=args.key, timeout=120)
+                failed = None if answer.status == 200 else f"{answer.status} {answer.body[:120]!r}"
+            except OSError as exc:
+                failed = f"{type(exc).__name__}: {exc}"
+            elapsed = time.monotonic() - started
+            with lock:
+                if failed is None:
+                    done.append(elapsed)
+                else:
+                    failures.append(f"{time.strftime('%H:%M:%S')} {failed}")
+            time.sleep(max(0.0, interval - elapsed))
+
+    def watch_releases() -> None:  # which release serves, as /health says, over the window
+        while not os.path.exists(args.stop_file):
+            try:
+                release = request(f"{args.https}/health", args.ca).json()["build"]["release"]
+                if not releases or releases[-1] != release:
+                    releases.append(release)
+            except (OSError, ValueError, KeyError):
+                pass  # a failure is the load's to count, not the watcher's
+            time.sleep(1)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(args.workers)]
+    threads.append(threading.Thread(target=watch_releases))
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for line in failures[:20]:
+        print(f"  failed: {line}")
+    summary = (
+        f"{len(done) + len(failures)} requests, {len(failures)} failed, "
+        f"slowest {max(done, default=0):.1f} s, releases {' -> '.join(releases) or 'unknown'}"
+    )
+    return fail(summary) if failures or not done else ok(summary)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
         "check",
-        choices=["health", "embed", "key-ok", "key-refused", "headers", "burst", "metrics", "http"],
+        choices=[
+            "health",
+            "embed",
+            "key-ok",
+            "key-refused",
+            "headers",
+            "burst",
+            "metrics",
+            "http",
+            "load",
+        ],
     )
     parser.add_argument("--https", required=True, help="https://127.0.0.1:PORT (no slash)")
     parser.add_argument("--http", help="http://127.0.0.1:PORT (no slash)")
@@ -198,6 +267,9 @@ def main() -> int:
     parser.add_argument("--acme-token", default="", help="NAME:CONTENT of a challenge file")
     parser.add_argument("--count", type=int, default=80)
     parser.add_argument("--parallel", type=int, default=20)
+    parser.add_argument("--workers", type=int, default=4)
+    parser.add_argument("--rate", type=float, default=8.0, help="requests/s, all workers")
+    parser.add_argument("--stop-file", help="load: stop once this file exists")
     args = parser.parse_args()
     checks = {
         "health": check_health,
@@ -208,6 +280,7 @@ def main() -> int:
         "burst": check_burst,
         "metrics": check_metrics,
         "http": check_http,
+        "load": check_load,
     }
     try:
         return checks[args.check](args)

@@ -14,10 +14,19 @@
 #   checks     from the host, through nginx: health, create-key over ssh, the reference vectors,
 #              security headers, limit_req, /metrics refused; port 80, ACME; make health
 #   redeploy   the playbook again: changed=0
-#   restart    make restart: keys and data survive, health comes back; make logs shows them
+#   restart    make restart under steady load through nginx (check_http.py load): no request
+#              fails; keys and data survive, health comes back; make logs shows them
+#   rotate     the database password rotated as docs/operations.md says (ansible-vault edit, make
+#              deploy): the old one refused, the service healthy
+#   build-b    a second build of the tree (release B: same commit, a later build time)
+#   releases   under steady load each: make deploy of B, then make rollback to A; no request
+#              fails, /health names the release; make releases lists both, marks the serving one
+#   operate    docs/operations.md's commands: make api (keys list/revoke, usage, migrate --status,
+#              --rollback), the troubleshooting commands on the healthy server, certbot renew
 #   restore    make backup, a new key, restore.sh --yes: the new key is gone, the old one works
 #   security   systemd-analyze security smally.service <= 2.5, and the running service is
-#              exactly systemd/smally.service (no drop-ins, seccomp and no-new-privileges on)
+#              exactly systemd/smally.service (no drop-ins, seccomp and no-new-privileges on),
+#              running the serving release's api, on smally.socket
 #   poweroff   the VM powers off, its overlay is deleted (also on failure, from the EXIT trap)
 #
 # Environment: SMALLY_VM_CACHE (base images, default ~/.cache/smally/vm), SMALLY_REHEARSAL_DIR
@@ -102,10 +111,12 @@ vm_stop() {
     fi
     QEMU_PID=""
 }
+LOAD_STOP=""
 cleanup() {
     local status=$?
     trap - EXIT INT TERM
     set +e
+    [ -z "$LOAD_STOP" ] || touch "$LOAD_STOP" # a load still running stops
     if [ "$status" != 0 ] && [ "${SMALLY_REHEARSAL_KEEP:-}" == 1 ] && vm_running; then
         log "SMALLY_REHEARSAL_KEEP=1: the VM (qemu $QEMU_PID) stays up for a look:"
         log "  ssh -F /dev/null -o UserKnownHostsFile=$RUN/known_hosts -i $RUN/id_ed25519 -p $SSH_PORT admin@127.0.0.1"
@@ -296,6 +307,34 @@ create_key() { # create_key EMAIL TIER: make create-key over ssh; prints the key
     echo "$key"
 }
 
+# under_load NAME COMMAND...: run COMMAND (its output in $RUN/NAME.out) while check_http.py load
+# POSTs /v1/embed through nginx (4 clients, 8 requests/s: under limit_req), from 5 s before to 5 s
+# after; sets LOAD (the load's summary line) and fails the rehearsal if COMMAND or a request fails.
+LOAD=""
+under_load() {
+    local name=$1 stop="$RUN/$1.load-stop" out="$RUN/$1.load" pid status=0
+    shift
+    rm -f "$stop"
+    LOAD_STOP=$stop
+    check load --key "$KEY1" --workers 4 --rate 8 --stop-file "$stop" >"$out" 2>&1 &
+    pid=$!
+    sleep 5
+    "$@" >"$RUN/$name.out" 2>&1 || status=$?
+    sleep 5
+    touch "$stop"
+    wait "$pid" || true
+    LOAD=$(tail -n 1 "$out" | sed 's/^\(ok\|FAIL\) *//')
+    if [ "$status" != 0 ]; then
+        tail -n 40 "$RUN/$name.out" >&2
+        die "$name: the command failed (exit $status; $RUN/$name.out); load: $LOAD"
+    fi
+    grep -q '^ok ' "$out" || { cat "$out" >&2; die "$name under load: $LOAD"; }
+}
+serving_release() { # the release /health names through nginx
+    curl -sS --cacert "$RUN/tls/fullchain.pem" "https://127.0.0.1:$HTTPS_PORT/health" |
+        "$HOST_PY" -c 'import json, sys; print(json.load(sys.stdin)["build"]["release"])'
+}
+
 begin checks "health, keys, reference vectors, headers, limits, /metrics, port 80"
 check health
 KEY1=$(create_key alice@rehearsal.test pro)
@@ -343,10 +382,12 @@ if ! [[ "$recap" =~ changed=0 ]] || ! [[ "$recap" =~ failed=0 ]]; then
 fi
 end
 
-begin restart "make restart: data and keys survive"
+begin restart "make restart under load: no request fails, data and keys survive"
 usage_before=$(vm_ssh "sudo -u postgres psql -d smally -Atc 'SELECT count(*) FROM usage'")
-timeout 300 "${MAKE_VM[@]}" restart >"$RUN/restart.out" 2>&1 || { cat "$RUN/restart.out" >&2; die "make restart failed"; }
+RELEASE_A=$(serving_release)
+under_load restart timeout 300 "${MAKE_VM[@]}" restart
 tail -n 1 "$RUN/restart.out" >&2
+log "zero-downtime restart: $LOAD"
 check health
 check key-ok --key "$KEY1"
 usage_after=$(vm_ssh "sudo -u postgres psql -d smally -Atc 'SELECT count(*) FROM usage'")
@@ -359,6 +400,98 @@ log "usage ledger: $usage_before rows before the restart, $usage_after after; th
 timeout 20 "${MAKE_VM[@]}" logs LOG_LINES=20 >"$RUN/logs.out" 2>&1 || true
 grep -q '"logger":' "$RUN/logs.out" || { cat "$RUN/logs.out" >&2; die "make logs showed no log lines"; }
 log "make logs: $(grep -c '"logger":' "$RUN/logs.out") JSON log lines in 20 s"
+end
+
+begin rotate "the database password rotated: ansible-vault edit, make deploy (docs/operations.md)"
+old_db_password=$(ANSIBLE_VAULT_PASSWORD_FILE="$RUN/vault_pass" "$ANSIBLE_VENV/bin/ansible-vault" view \
+    "$STAGE/ansible/group_vars/all/vault.yml" | sed -n 's/^vault_smally_db_password: "\(.*\)"$/\1/p')
+[[ "$old_db_password" =~ ^[0-9a-f]{48}$ ]] || die "no database password found in the vault"
+new_db_password=$(openssl rand -hex 24)
+# The runbook's command, with sed for the operator's editor.
+ANSIBLE_VAULT_PASSWORD_FILE="$RUN/vault_pass" EDITOR="sed -i s/$old_db_password/$new_db_password/" "$ANSIBLE_VENV/bin/ansible-vault" edit "$STAGE/ansible/group_vars/all/vault.yml"
+recap=$(deploy "$RUN/deploy-rotate.log")
+[[ "$recap" =~ failed=0 ]] && ! [[ "$recap" =~ changed=0 ]] || die "the deploy with the new password: $recap"
+check health
+check key-ok --key "$KEY1"
+if vm_ssh "PGPASSWORD=$old_db_password psql -h 127.0.0.1 -U smally -d smally -Atc 'SELECT 1'" >/dev/null 2>&1; then
+    die "the old database password still opens a session"
+fi
+timeout 120 "${MAKE_VM[@]}" api ARGS='migrate --status' >"$RUN/migrate-status-rotated.out" 2>&1 ||
+    { cat "$RUN/migrate-status-rotated.out" >&2; die "api migrate --status with the rotated password failed"; }
+log "database password rotated ($recap): the old one is refused, the service and the scripts use the new one"
+end
+
+begin build-b "a second build of the tree: release B"
+if [ "${SMALLY_SKIP_BUILD:-}" == 1 ]; then log "SMALLY_SKIP_BUILD=1: release B is built all the same"; fi
+# Same commit, a later build time: another release name (app/buildinfo.py release_name).
+make -C "$REPO" --no-print-directory build >"$RUN/build-b.log" 2>&1 || { tail -n 30 "$RUN/build-b.log" >&2; die "the build of release B failed"; }
+cp -a "$REPO/dist/api" "$REPO/dist/create_api_key" "$REPO/dist/BUILD.json" "$STAGE/dist/"
+RELEASE_B=$("$HOST_PY" -c 'import json, sys; print(json.load(open(sys.argv[1]))["release"])' "$STAGE/dist/BUILD.json")
+[ "$RELEASE_B" != "$RELEASE_A" ] || die "the rebuild has the release name of the first build: $RELEASE_A"
+log "release A (serving): $RELEASE_A; release B (built): $RELEASE_B"
+end
+
+begin releases "under load: make deploy of B, make rollback to A; make releases"
+under_load deploy-b deploy "$RUN/deploy-3.log"
+recap=$(grep -E '^rehearsal-vm +: ok=' "$RUN/deploy-3.log" | tail -n 1)
+[[ "$recap" =~ failed=0 ]] || die "the deploy of B: $recap"
+[ "$(serving_release)" == "$RELEASE_B" ] || die "after the deploy of B, /health names $(serving_release)"
+log "zero-downtime deploy: $LOAD"
+timeout 120 "${MAKE_VM[@]}" releases >"$RUN/releases-1.out" 2>&1 || { cat "$RUN/releases-1.out" >&2; die "make releases failed"; }
+sed 's/^/    /' "$RUN/releases-1.out" >&2
+grep -qx "  $RELEASE_A" "$RUN/releases-1.out" && grep -qx "\* $RELEASE_B (serving)" "$RUN/releases-1.out" ||
+    die "make releases does not list A and mark B serving"
+under_load rollback timeout 300 "${MAKE_VM[@]}" rollback
+grep -qx "rollback: serving $RELEASE_A" "$RUN/rollback.out" || { cat "$RUN/rollback.out" >&2; die "make rollback did not say it serves $RELEASE_A"; }
+[ "$(serving_release)" == "$RELEASE_A" ] || die "after make rollback, /health names $(serving_release)"
+log "rollback: serving $RELEASE_A, $LOAD"
+timeout 120 "${MAKE_VM[@]}" releases >"$RUN/releases-2.out" 2>&1 || { cat "$RUN/releases-2.out" >&2; die "make releases failed"; }
+sed 's/^/    /' "$RUN/releases-2.out" >&2
+grep -qx "\* $RELEASE_A (serving)" "$RUN/releases-2.out" && grep -qx "  $RELEASE_B" "$RUN/releases-2.out" ||
+    die "make releases does not mark A serving after the rollback"
+end
+
+begin operate "the runbook's commands: keys, usage, migrations, diagnostics, certbot"
+api_failed() { # api_failed NAME: a `make api` (docs/operations.md's commands, as written) failed
+    cat "$RUN/$1.out" >&2
+    die "make api ($1) failed"
+}
+timeout 180 "${MAKE_VM[@]}" api ARGS="keys list alice@rehearsal.test" >"$RUN/keys-list.out" 2>&1 || api_failed keys-list
+grep -q "^${KEY1:0:11}[[:space:]]active" "$RUN/keys-list.out" || { cat "$RUN/keys-list.out" >&2; die "keys list does not show alice's key"; }
+timeout 180 "${MAKE_VM[@]}" api ARGS="usage alice@rehearsal.test --month $(date -u +%Y-%m)" >"$RUN/usage.out" 2>&1 || api_failed usage
+grep -Eq '^total +[1-9][0-9]* +[1-9]' "$RUN/usage.out" || { cat "$RUN/usage.out" >&2; die "usage shows no embeddings for alice"; }
+KEY_REVOKED=$(create_key revoked@rehearsal.test free)
+check key-ok --key "$KEY_REVOKED"
+timeout 180 "${MAKE_VM[@]}" api ARGS="keys revoke ${KEY_REVOKED:0:11}" >"$RUN/keys-revoke.out" 2>&1 || api_failed keys-revoke
+grep -qx "revoked ${KEY_REVOKED:0:11}" "$RUN/keys-revoke.out" || { cat "$RUN/keys-revoke.out" >&2; die "keys revoke said otherwise"; }
+sleep 11 # AUTH_CACHE_TTL (10 s): a revoked key is refused within it
+check key-refused --key "$KEY_REVOKED"
+timeout 180 "${MAKE_VM[@]}" api ARGS='migrate --status' >"$RUN/migrate-status-1.out" 2>&1 || api_failed migrate-status-1
+grep -q pending "$RUN/migrate-status-1.out" && die "a migration is pending: $(cat "$RUN/migrate-status-1.out")"
+timeout 180 "${MAKE_VM[@]}" api ARGS='migrate --rollback' >"$RUN/migrate-rollback.out" 2>&1 || api_failed migrate-rollback
+grep -q 'rolled back$' "$RUN/migrate-rollback.out" || { cat "$RUN/migrate-rollback.out" >&2; die "migrate --rollback reverted nothing"; }
+reverted=$(grep 'rolled back$' "$RUN/migrate-rollback.out" | cut -f1)
+timeout 300 "${MAKE_VM[@]}" restart >"$RUN/restart-migrate.out" 2>&1 || { cat "$RUN/restart-migrate.out" >&2; die "make restart failed"; }
+timeout 180 "${MAKE_VM[@]}" api ARGS='migrate --status' >"$RUN/migrate-status-2.out" 2>&1 || api_failed migrate-status-2
+grep -q pending "$RUN/migrate-status-2.out" && die "the restart did not re-apply $reverted"
+log "make api: keys list, usage, keys revoke (refused after 11 s), migrate --status, --rollback of $reverted (re-applied by a restart)"
+# The troubleshooting commands, on the healthy server: what each shows when all is well.
+vm_ssh 'sudo systemctl status smally --no-pager' >"$RUN/status.out" 2>&1 || true
+grep -q 'Active: active (running)' "$RUN/status.out" || { cat "$RUN/status.out" >&2; die "systemctl status smally"; }
+vm_ssh 'sudo systemctl status smally.socket --no-pager' >"$RUN/status-socket.out" 2>&1 || true
+grep -q 'Active: active' "$RUN/status-socket.out" || { cat "$RUN/status-socket.out" >&2; die "systemctl status smally.socket"; }
+vm_ssh 'file -L /home/smally/smally-api/current/api' >"$RUN/file.out"
+grep -q 'ELF 64-bit.*x86-64' "$RUN/file.out" || die "file -L current/api: $(cat "$RUN/file.out")"
+vm_ssh 'ldd /home/smally/smally-api/current/api' >"$RUN/ldd.out" 2>&1 || true
+grep -q 'libc.so.6' "$RUN/ldd.out" && ! grep -q 'not found' "$RUN/ldd.out" || { cat "$RUN/ldd.out" >&2; die "ldd current/api"; }
+vm_ssh 'curl -sS http://127.0.0.1:8000/health' >"$RUN/health-direct.out"
+grep -q '"status":"healthy"' "$RUN/health-direct.out" || die "curl /health: $(cat "$RUN/health-direct.out")"
+vm_ssh 'sudo journalctl -u smally -n 50 --no-pager' >"$RUN/journal.out"
+grep -q '"logger":' "$RUN/journal.out" || die "journalctl -u smally shows no log lines"
+vm_ssh 'sudo certbot renew' >"$RUN/certbot.out" 2>&1 || { cat "$RUN/certbot.out" >&2; die "certbot renew failed"; }
+[ "$(vm_ssh 'systemctl is-enabled certbot.timer')" == enabled ] || die "certbot.timer is not enabled"
+vm_ssh 'test -x /etc/letsencrypt/renewal-hooks/deploy/smally-reload-nginx' || die "no certbot deploy hook for nginx"
+log "troubleshooting commands: status, socket, file, ldd, /health, journal; certbot renew and its timer"
 end
 
 begin restore "make backup, a new key, restore.sh --yes"
@@ -389,15 +522,17 @@ vm_ssh 'sudo systemctl show smally -p ActiveState -p SubState -p FragmentPath -p
     pid=$(systemctl show smally -p MainPID --value)
     echo "Exe=$(sudo readlink /proc/$pid/exe)"
     sudo grep -E "^(NoNewPrivs|Seccomp|CapEff|CapBnd):" /proc/$pid/status | tr -d "\t" | tr ":" "="
-    echo "Unit=$(sha256sum </etc/systemd/system/smally.service | cut -c1-64)"' >"$RUN/unit.txt"
+    echo "Unit=$(sha256sum </etc/systemd/system/smally.service | cut -c1-64)"
+    systemctl show smally.socket -p ActiveState -p Listen -p Backlog -p DropInPaths | sed "s/^/Socket/"' >"$RUN/unit.txt"
 sed 's/^/    /' "$RUN/unit.txt" >&2
 want=$(sha256sum <"$REPO/systemd/smally.service" | cut -c1-64)
 for expected in ActiveState=active SubState=running FragmentPath=/etc/systemd/system/smally.service \
-    DropInPaths= NeedDaemonReload=no NRestarts=0 Exe=/home/smally/smally-api/api NoNewPrivs=1 Seccomp=2 \
-    CapEff=0000000000000000 CapBnd=0000000000000000 "Unit=$want"; do
+    DropInPaths= NeedDaemonReload=no NRestarts=0 "Exe=/home/smally/smally-api/releases/$RELEASE_A/api" \
+    NoNewPrivs=1 Seccomp=2 CapEff=0000000000000000 CapBnd=0000000000000000 "Unit=$want" \
+    SocketActiveState=active "SocketListen=127.0.0.1:8000 (Stream)" SocketBacklog=4096 SocketDropInPaths=; do
     grep -qx -- "$expected" "$RUN/unit.txt" || die "the running service does not show $expected"
 done
-log "the service runs under exactly systemd/smally.service: no drop-ins, no restarts, seccomp on, no capabilities"
+log "the service runs under exactly systemd/smally.service: no drop-ins, no restarts, seccomp on, no capabilities; release $RELEASE_A on smally.socket"
 end
 
 begin poweroff "power the VM off and delete its overlay"

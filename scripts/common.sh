@@ -1,6 +1,7 @@
 # Sourced by the other scripts in this directory; not run on its own.
 # The server layout (ansible/site.yml puts it there):
-#   /home/smally/smally-api/{api,create_api_key,.env,models/,scripts/}   /home/smally/backups/
+#   /home/smally/smally-api/{.env,scripts/,releases/<release>/{api,create_api_key,models/,BUILD.json},
+#   current -> releases/<release>}   /home/smally/backups/
 
 SMALLY_APP_DIR=${SMALLY_APP_DIR:-$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)}
 SMALLY_ENV_FILE=${SMALLY_ENV_FILE:-$SMALLY_APP_DIR/.env}

@@ -62,7 +62,8 @@ if [ "$yes" != yes ]; then
 fi
 
 echo "restore: stopping $SMALLY_SERVICE" >&2
-systemctl stop "$SMALLY_SERVICE"
+# Its socket too: a connection to the socket would start the service again mid-restore.
+systemctl stop "$SMALLY_SERVICE.socket" "$SMALLY_SERVICE"
 psql_admin -d postgres >/dev/null <<SQL
 SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '$db' AND pid <> pg_backend_pid();
 ALTER DATABASE "$db" RENAME TO "$previous";
@@ -76,7 +77,7 @@ if command -v redis-cli >/dev/null; then
 fi
 
 echo "restore: starting $SMALLY_SERVICE" >&2
-systemctl start "$SMALLY_SERVICE"
+systemctl start "$SMALLY_SERVICE.socket" "$SMALLY_SERVICE"
 for _ in $(seq 1 120); do
     if curl -fsS --max-time 5 "http://127.0.0.1:$api_port/health" 2>/dev/null | grep -q '"healthy"'; then
         echo "restore: done, $SMALLY_SERVICE is healthy. The previous database is kept as $previous:" >&2

@@ -37,7 +37,7 @@ version_key = _glibc_check.version_key
 VERSION_LINE = re.compile(
     r"^(?P<program>\w+) (?P<version>\d+\.\d+\.\d+\S*) "
     r"\(git (?P<hash>[0-9a-f]{12})(?P<dirty>-dirty)?, (?P<built>\d{4}-\d\d-\d\dT[\d:]+Z), "
-    r"lock (?P<lock>[0-9a-f]{12})\)$"
+    r"lock (?P<lock>[0-9a-f]{12}), release (?P<release>[\w.-]+)\)$"
 )
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import socket
+import stat
 import subprocess
 import sys
 import uuid
@@ -110,3 +112,37 @@ def new_user(database_url: str, email: str) -> Principal:
             (user_id, f"{user_id:064d}"),
         ).fetchone()
     return Principal(key_id=key_id, user_id=user_id, tier="free")
+
+
+# --- systemd socket activation, as systemd does it ---------------------------------------------
+HEALTH_REQUEST = b"GET /health HTTP/1.1\r\nHost: smally\r\nConnection: close\r\n\r\n"
+
+
+def socket_activated(workdir: Path, listener: socket.socket, executable: Path) -> Path:
+    """A wrapper that runs `executable` as systemd runs a socket-activated service: the socket
+    as descriptor 3, LISTEN_FDS=1 and LISTEN_PID its own pid. Start it with pass_fds=(listener,)."""
+    wrapper = workdir / "as-systemd.sh"
+    wrapper.write_text(
+        "#!/usr/bin/env bash\n"
+        "export LISTEN_FDS=1 LISTEN_PID=$$\n"
+        f'exec "{executable}" "$@" 3<&{listener.fileno()}\n'
+    )
+    wrapper.chmod(wrapper.stat().st_mode | stat.S_IXUSR)
+    return wrapper
+
+
+def queued_request(port: int, timeout: float = 90) -> socket.socket:
+    """GET /health sent on a new connection, answered or not: while no process accepts, the
+    kernel holds the connection in the listening socket's queue."""
+    client = socket.create_connection(("127.0.0.1", port), timeout=5)
+    client.sendall(HEALTH_REQUEST)
+    client.settimeout(timeout)
+    return client
+
+
+def read_answer(client: socket.socket) -> bytes:
+    chunks = []
+    with client:
+        while chunk := client.recv(65536):
+            chunks.append(chunk)
+    return b"".join(chunks)

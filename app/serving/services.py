@@ -185,6 +185,8 @@ class Services:
             "model": self.model.manifest.name,
             "checks": checks,
             "build": {
+                # The release serving: its directory on a server (app/buildinfo.py release_name)
+                "release": info["release"],
                 "git_hash": info.get("git_hash"),
                 "git_dirty": info.get("git_dirty"),
                 # sha256 of the uv.lock the build (or the venv) was installed from

@@ -7,6 +7,7 @@ import json
 import platform
 import re
 import signal
+import socket
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -33,7 +34,16 @@ from tests.frozen import (
     run,
     version_key,
 )
-from tests.helpers import REPO, cosine, free_port, load_reference
+from tests.helpers import (
+    REPO,
+    ApiProcess,
+    cosine,
+    free_port,
+    load_reference,
+    queued_request,
+    read_answer,
+    socket_activated,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -117,6 +127,11 @@ def test_frozen_binaries_serve_from_an_empty_directory(
         assert health["build"]["git_hash"] == head and health["build"]["build_timestamp"]
         assert health["build"]["lock_sha256"] == lock_sha256()
         assert health["version"] == match["version"]
+        # The release the binary names is the one build_binaries.py stamped (its directory name
+        # on a server): the same function computed both.
+        stamp = json.loads((DIST / "BUILD.json").read_text())
+        assert health["build"]["release"] == match["release"] == stamp["release"]
+        assert match["release"].startswith(f"{match['version']}-{head}")
         cases = load_reference()["cases"]
         with api.client(key) as client:
             for case in cases:
@@ -177,3 +192,32 @@ def test_frozen_binaries_need_no_newer_glibc_than_the_oldest_target(dist: Path) 
         assert version_key(highest) <= version_key(GLIBC_CEILING), (program, highest, culprits)
     readme = (REPO / "README.md").read_text()
     assert f"glibc {GLIBC_CEILING}" in readme
+
+
+def test_frozen_api_takes_the_socket_systemd_passes(
+    dist: Path, servers: Servers, tmp_path: Path, runtime_tmp: Path
+) -> None:
+    """systemd passes smally.socket to the process it starts: the one-file binary's bootloader,
+    whose child runs Python; the child must take the socket (LISTEN_PID is its parent's)."""
+    workdir, port = deploy_on_servers(
+        dist, tmp_path / "srv", servers.new_database(), servers.redis_url
+    )
+    with socket.create_server(("127.0.0.1", port), backlog=16) as listener:
+        early = queued_request(port, timeout=120)  # before the process exists
+        api = ApiProcess(
+            bare_env(TMPDIR=str(runtime_tmp)),
+            workdir,
+            port=port,
+            executable=socket_activated(tmp_path, listener, workdir / "api"),
+            log_dir=tmp_path,
+            pass_fds=(listener.fileno(),),
+        )
+        api.start()
+        try:
+            body = read_answer(early)
+            assert body.startswith(b"HTTP/1.1 200") and b'"status":"healthy"' in body, (
+                body[:300],
+                api.logs(),
+            )
+        finally:
+            assert api.stop() == 0, api.logs()

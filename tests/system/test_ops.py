@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 from app.config import Settings
+from app.http.runner import SOCKET_BACKLOG
 from app.serving.usage import UsageRecorder
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -44,16 +45,17 @@ def test_backup_keeps_password_off_the_command_line(tmp_path: Path) -> None:
     assert lines[1] == f"env={PASSWORD}"  # decoded for libpq
 
 
-def test_nginx_drops_idle_upstream_connections_before_hypercorn() -> None:
+def test_nginx_keeps_no_idle_connection_to_the_service() -> None:
+    """An idle upstream connection that hypercorn closes on SIGTERM just as nginx sends a POST
+    on it is a 502 that nobody retries: one connection per request, so a restart drops nothing."""
     conf = (ROOT / "nginx/smally.conf").read_text()
     upstream = re.search(r"upstream smally_api \{(.*?)\n\}", conf, re.S)
     assert upstream
-    nginx = re.search(r"keepalive_timeout\s+(\d+)s;", upstream.group(1))
-    serve = (ROOT / "app/http/runner.py").read_text()
-    hypercorn = re.search(r"config\.keep_alive_timeout = (\d+)", serve)
-    assert nginx and hypercorn
-    print(f"nginx upstream keepalive_timeout {nginx.group(1)} s, hypercorn {hypercorn.group(1)} s")
-    assert int(nginx.group(1)) < int(hypercorn.group(1))
+    directives = [
+        line.split("#")[0].strip() for line in upstream.group(1).splitlines() if line.strip()
+    ]
+    assert not [d for d in directives if d.startswith("keepalive")], directives
+    assert "proxy_set_header Connection close;" in conf
 
 
 def test_systemd_stop_timeout_covers_drain_and_ledger_flush() -> None:
@@ -100,6 +102,28 @@ def test_health_check_fails_on_a_missing_or_stale_backup(tmp_path: Path) -> None
     assert _backup_age_line(tmp_path, backups).startswith("PASS")
 
 
+def test_unit_runs_the_current_release_on_the_socket_systemd_holds() -> None:
+    unit = (ROOT / "systemd/smally.service").read_text()
+    assert re.search(r"^ExecStart=/home/smally/smally-api/current/api$", unit, re.M)
+    # .env stays in the app directory; the read-only bind covers it, the releases and `current`.
+    assert re.search(r"^WorkingDirectory=/home/smally/smally-api$", unit, re.M)
+    assert re.search(r"^BindReadOnlyPaths=/home/smally/smally-api$", unit, re.M)
+    assert re.search(r"^Requires=smally\.socket$", unit, re.M)
+    assert re.search(r"^After=smally\.socket ", unit, re.M)
+    socket_unit = (ROOT / "systemd/smally.socket").read_text()
+    assert re.search(r"^ListenStream=127\.0\.0\.1:\{\{ smally_api_port \}\}$", socket_unit, re.M)
+    # hypercorn listen()s again on the socket: with the same backlog, not its default of 100.
+    backlog = re.search(r"^Backlog=(\d+)$", socket_unit, re.M)
+    assert backlog and int(backlog.group(1)) == SOCKET_BACKLOG
+    assert not re.search(r"^Accept=yes", socket_unit, re.M)  # one service, not one per connection
+
+
+def test_nginx_never_sends_a_post_twice() -> None:
+    conf = (ROOT / "nginx/smally.conf").read_text()
+    retries = re.findall(r"^\s*proxy_next_upstream\s+([^;]*);", conf, re.M)
+    assert retries == ["error timeout"]  # not non_idempotent: /v1/ POSTs are metered
+
+
 def test_unit_raises_the_open_files_limit() -> None:
     unit = (ROOT / "systemd/smally.service").read_text()
     assert re.search(r"^LimitNOFILE=65536$", unit, re.M)
@@ -108,9 +132,14 @@ def test_unit_raises_the_open_files_limit() -> None:
 def test_config_comments_name_files_that_exist() -> None:
     """Comments that send the operator to a repository file point at one that exists."""
     named = re.compile(
-        r"(?<![\w/.-])((?:ansible|nginx|systemd|scripts)/[\w./-]+\.(?:yml|conf|service|sh|j2))"
+        r"(?<![\w/.-])((?:ansible|nginx|systemd|scripts)/[\w./-]+\.(?:yml|conf|service|socket|sh|j2))"
     )
-    for path in ("nginx/smally.conf", "ansible/inventory/hosts.example.yml", "ansible/site.yml"):
+    for path in (
+        "nginx/smally.conf",
+        "ansible/inventory/hosts.example.yml",
+        "ansible/site.yml",
+        "systemd/smally.socket",
+    ):
         for name in named.findall((ROOT / path).read_text()):
             # Files the operator makes from an example (their inventory, vault) are git-ignored.
             ignored = subprocess.run(["git", "-C", str(ROOT), "check-ignore", "-q", name])
