@@ -1,7 +1,7 @@
 """`api serve`: preflight checks, migrations, then the app under hypercorn until SIGTERM.
 
-Hypercorn handles SIGTERM/SIGINT: it stops accepting, lets in-flight requests finish (up to
-SHUTDOWN_TIMEOUT), then runs the lifespan shutdown, which flushes the usage ledger.
+On SIGTERM/SIGINT the workers stop accepting (app/http/workers.py), let in-flight requests finish
+(up to SHUTDOWN_TIMEOUT), then run the lifespan shutdown, which flushes the usage ledger.
 """
 
 from __future__ import annotations
@@ -14,9 +14,9 @@ import tempfile
 from collections.abc import Callable, Mapping
 
 from hypercorn.config import Config
-from hypercorn.run import run as hypercorn_run
 
 from app.config import Settings
+from app.http.workers import serve
 from app.model.engine import ModelError, ModelManifest
 
 log = logging.getLogger(__name__)
@@ -109,7 +109,7 @@ def run_hypercorn(settings: Settings, *, migrate: Callable[[str], list[str]]) ->
     else:
         metrics_dir = None
     try:
-        return hypercorn_run(hypercorn_config(settings, listen_fd=listen_fd))
+        return serve(hypercorn_config(settings, listen_fd=listen_fd))
     except Exception as exc:
         log.error("service stopped on an error: %s", exc, exc_info=True)
         return 1

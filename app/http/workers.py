@@ -1,0 +1,104 @@
+"""Hypercorn's serving loop with a shutdown that never closes a connection unanswered.
+
+Hypercorn's own shutdown marks the server terminated first and stops accepting after: a
+connection accepted in between, or accepted just before with its request still unread, is idle,
+and hypercorn closes idle connections at once. Behind nginx that is a 502; on a socket systemd
+holds (systemd/smally.socket) it is needless, because a connection left in the socket's queue is
+served by the next process. So on SIGTERM each worker here first stops accepting, gives the
+connections it already accepted time to deliver their requests (then they are in flight, and
+hypercorn lets in-flight requests finish), and only then lets hypercorn shut down.
+
+Workers run in this process (`workers == 0`) or as that many spawned processes, which share the
+listening sockets and stop when this process is signalled.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from multiprocessing import get_context
+from multiprocessing.connection import wait
+from multiprocessing.synchronize import Event
+
+from hypercorn.asyncio.run import worker_serve
+from hypercorn.config import Config, Sockets
+from hypercorn.utils import load_application
+
+log = logging.getLogger(__name__)
+
+# A connection accepted before the worker stopped accepting has its request on the way (a proxy
+# writes it as soon as the connection is up): well under this, even on a loaded machine.
+ACCEPTED_SETTLE_SECONDS = 1.0
+_STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+def serve(config: Config) -> int:
+    """Serve until SIGTERM or SIGINT; the exit code."""
+    sockets = config.create_sockets()
+    try:
+        if config.workers == 0:
+            _worker(config, sockets)
+            return 0
+        return _serve_in_processes(config, sockets)
+    finally:
+        for sock in (*sockets.secure_sockets, *sockets.insecure_sockets):
+            sock.close()
+
+
+def _serve_in_processes(config: Config, sockets: Sockets) -> int:
+    context = get_context("spawn")
+    stopping = context.Event()
+    # The workers inherit this disposition: Ctrl-C in a terminal reaches the whole process group,
+    # and only this process decides when they stop.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    processes = [
+        context.Process(target=_worker, args=(config, sockets, stopping))
+        for _ in range(config.workers)
+    ]
+    for process in processes:
+        process.start()
+    for signum in _STOP_SIGNALS:
+        signal.signal(signum, lambda *_: stopping.set())
+    wait([process.sentinel for process in processes])
+    if not stopping.is_set():
+        log.error("a worker process exited: stopping the others")
+        stopping.set()
+    exit_code = 0
+    for process in processes:
+        process.join()
+        exit_code = exit_code or (process.exitcode or 0)
+    return exit_code
+
+
+def _worker(config: Config, sockets: Sockets, stopping: Event | None = None) -> None:
+    app = load_application(config.application_path, config.wsgi_max_body_size)
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        signalled = asyncio.Event()
+        for signum in _STOP_SIGNALS:
+            if stopping is None or signum != signal.SIGINT:
+                loop.add_signal_handler(signum, signalled.set)
+
+        async def shutdown_trigger() -> None:
+            while not signalled.is_set() and not (stopping is not None and stopping.is_set()):
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(signalled.wait(), timeout=0.1)
+            _stop_accepting(loop, sockets)
+            await asyncio.sleep(ACCEPTED_SETTLE_SECONDS)
+
+        await worker_serve(app, config, sockets=sockets, shutdown_trigger=shutdown_trigger)
+
+    asyncio.run(main())
+
+
+def _stop_accepting(loop: asyncio.AbstractEventLoop, sockets: Sockets) -> None:
+    """Take the listening sockets out of the loop: the kernel keeps queueing connections on them
+    (the socket itself stays open, for the next process), this process no longer accepts them."""
+    for sock in (*sockets.secure_sockets, *sockets.insecure_sockets):
+        # asyncio's servers accept in a reader callback on the socket; Server.close() removes it
+        # the same way, but only after hypercorn has already closed the idle connections.
+        if not loop.remove_reader(sock.fileno()):
+            log.warning("could not stop accepting on %s before shutting down", sock)
