@@ -316,7 +316,7 @@ under_load() {
     shift
     rm -f "$stop"
     LOAD_STOP=$stop
-    check load --key "$KEY1" --workers 4 --rate 8 --stop-file "$stop" >"$out" 2>&1 &
+    check load --key "$LOAD_KEY" --workers 4 --rate 8 --stop-file "$stop" >"$out" 2>&1 &
     pid=$!
     sleep 5
     "$@" >"$RUN/$name.out" 2>&1 || status=$?
@@ -329,6 +329,15 @@ under_load() {
         die "$name: the command failed (exit $status; $RUN/$name.out); load: $LOAD"
     fi
     grep -q '^ok ' "$out" || { cat "$out" >&2; die "$name under load: $LOAD"; }
+    LOAD_200S=$((LOAD_200S + $(sed -n 's/^\([0-9]*\) requests, 0 failed.*/\1/p' <<<"$LOAD")))
+}
+# The load's own user: the ledger must end up with exactly the embeddings its 200s got.
+LOAD_EMAIL=load@rehearsal.test
+LOAD_KEY=""
+LOAD_200S=0
+load_ledger() {
+    vm_ssh "sudo -u postgres psql -d smally -Atc \"SELECT coalesce(sum(u.embeddings_count), 0) FROM usage u
+        JOIN users s ON s.id = u.user_id WHERE s.email = '$LOAD_EMAIL'\""
 }
 serving_release() { # the release /health names through nginx
     curl -sS --cacert "$RUN/tls/fullchain.pem" "https://127.0.0.1:$HTTPS_PORT/health" |
@@ -384,6 +393,7 @@ end
 
 begin restart "make restart under load: no request fails, data and keys survive"
 usage_before=$(vm_ssh "sudo -u postgres psql -d smally -Atc 'SELECT count(*) FROM usage'")
+LOAD_KEY=$(create_key "$LOAD_EMAIL" scale)
 RELEASE_A=$(serving_release)
 under_load restart timeout 300 "${MAKE_VM[@]}" restart
 tail -n 1 "$RUN/restart.out" >&2
@@ -449,6 +459,14 @@ timeout 120 "${MAKE_VM[@]}" releases >"$RUN/releases-2.out" 2>&1 || { cat "$RUN/
 sed 's/^/    /' "$RUN/releases-2.out" >&2
 grep -qx "\* $RELEASE_A (serving)" "$RUN/releases-2.out" && grep -qx "  $RELEASE_B" "$RUN/releases-2.out" ||
     die "make releases does not mark A serving after the rollback"
+# The ledger is written in batches, every second (app/serving/usage.py): wait for the last one.
+for _ in $(seq 30); do
+    ledger=$(load_ledger)
+    [ "$ledger" == "$LOAD_200S" ] && break
+    sleep 1
+done
+[ "$ledger" == "$LOAD_200S" ] || die "usage ledger: $ledger embeddings for $LOAD_EMAIL, its load got $LOAD_200S 200s"
+log "usage ledger under load: $ledger embeddings recorded for the $LOAD_200S 200s of the restart, deploy and rollback"
 end
 
 begin operate "the runbook's commands: keys, usage, migrations, diagnostics, certbot"
