@@ -21,6 +21,7 @@ import signal
 from multiprocessing import get_context
 from multiprocessing.connection import wait
 from multiprocessing.synchronize import Event
+from typing import Any
 
 from hypercorn.asyncio.run import worker_serve
 from hypercorn.config import Config, Sockets
@@ -72,11 +73,26 @@ def _serve_in_processes(config: Config, sockets: Sockets) -> int:
     return exit_code
 
 
+class _ServerRecordingLoop(asyncio.SelectorEventLoop):
+    """The default event loop, remembering the servers hypercorn listens with (it keeps them to
+    itself), so that a worker can close them before hypercorn's shutdown begins."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.servers: list[asyncio.Server] = []
+
+    async def create_server(self, *args: Any, **kwargs: Any) -> asyncio.Server:
+        server = await super().create_server(*args, **kwargs)
+        self.servers.append(server)
+        return server
+
+
 def _worker(config: Config, sockets: Sockets, stopping: Event | None = None) -> None:
     app = load_application(config.application_path, config.wsgi_max_body_size)
 
     async def main() -> None:
         loop = asyncio.get_running_loop()
+        assert isinstance(loop, _ServerRecordingLoop)
         signalled = asyncio.Event()
         for signum in _STOP_SIGNALS:
             if stopping is None or signum != signal.SIGINT:
@@ -86,19 +102,14 @@ def _worker(config: Config, sockets: Sockets, stopping: Event | None = None) -> 
             while not signalled.is_set() and not (stopping is not None and stopping.is_set()):
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(signalled.wait(), timeout=0.1)
-            _stop_accepting(loop, sockets)
+            # Stop accepting: closes this process's descriptor of each listening socket; the
+            # socket itself lives on while systemd (or the next process) holds it, and the kernel
+            # keeps queueing connections on it.
+            for server in loop.servers:
+                server.close()
             await asyncio.sleep(ACCEPTED_SETTLE_SECONDS)
 
         await worker_serve(app, config, sockets=sockets, shutdown_trigger=shutdown_trigger)
 
-    asyncio.run(main())
-
-
-def _stop_accepting(loop: asyncio.AbstractEventLoop, sockets: Sockets) -> None:
-    """Take the listening sockets out of the loop: the kernel keeps queueing connections on them
-    (the socket itself stays open, for the next process), this process no longer accepts them."""
-    for sock in (*sockets.secure_sockets, *sockets.insecure_sockets):
-        # asyncio's servers accept in a reader callback on the socket; Server.close() removes it
-        # the same way, but only after hypercorn has already closed the idle connections.
-        if not loop.remove_reader(sock.fileno()):
-            log.warning("could not stop accepting on %s before shutting down", sock)
+    with asyncio.Runner(loop_factory=_ServerRecordingLoop) as runner:
+        runner.run(main())
