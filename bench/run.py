@@ -10,7 +10,8 @@
    SCALE_TIER_LIMIT=-1), loaded by wrk (bench/smally.lua) with a fresh text per request:
    /v1/embed and /v1/embeddings with 1 and 32 inputs, at concurrency 1, 16 and 64.
 3. The service with the cache warm: /v1/embed on 20 repeated texts at concurrency 16 (and at 1:
-   the fixed cost of a request that never reaches the model, for the latency diagnosis).
+   the fixed cost of a request that never reaches the model, for the latency diagnosis), and
+   /v1/embeddings with the same 256 texts in every request at concurrency 4 (all hits).
 
 Prints one table with the ratios service / raw ceiling and PASS/MISS per target (a miss is a
 finding, not a failure: the exit status is 0), and writes bench/results/<date>.json,
@@ -60,10 +61,12 @@ INT8_DIR = REPO / "models" / "all-MiniLM-L6-v2-int8"
 BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64, 128)
 CONCURRENCY = (1, 16, 64)
 
-# The targets (ratios from one run, on the 2-core build machine).
-THROUGHPUT_RATIO = 0.85  # uncached embeddings/s at concurrency 64 / raw batched ceiling
-LATENCY_RATIO = 1.3  # uncached p50 at concurrency 1 / raw single-text p50
-CACHED_RPS = 3000  # cached /v1/embed at concurrency 16
+# The targets (ratios from one run, on the 2-core build machine; the speed issue's table).
+# Uncached embeddings/s at concurrency 64 / raw batched ceiling, per scenario:
+THROUGHPUT_RATIOS = {"embed-c64": 0.70, "embeddings1-c64": 0.70, "embeddings32-c64": 0.95}
+LATENCY_RATIO = 1.35  # uncached p50 at concurrency 1 / raw single-text p50
+CACHED_RATIO = 10.0  # cached /v1/embed requests/s at concurrency 16 / raw single-text emb/s
+CACHED_BATCH_RATIO = 5.0  # x256 all-hit embeddings/s at concurrency 4 / raw batched ceiling
 
 # Settings the bench itself decides; any other Smally variable set in the environment is
 # passed on (and recorded), so `BATCH_WINDOW_MS=2 make bench` measures that setting.
@@ -102,6 +105,7 @@ SCENARIOS = [
     *(Scenario(f"embeddings1-c{c}", "/v1/embeddings", "embeddings", 1, c) for c in CONCURRENCY),
     *(Scenario(f"embeddings32-c{c}", "/v1/embeddings", "embeddings", 32, c) for c in CONCURRENCY),
     Scenario("cached-embed-c16", "/v1/embed", "cached", 1, 16, cached=True),
+    Scenario("cached256-c4", "/v1/embeddings", "cached-embeddings", 256, 4, cached=True),
     # Diagnosis for the latency target: the fixed cost of a request that never reaches the model.
     Scenario("cached-embed-c1", "/v1/embed", "cached", 1, 1, cached=True),
 ]
@@ -488,7 +492,7 @@ def raw_at(raw: dict[str, Any], rows: float) -> float:
 def targets(raw: dict[str, Any], runs: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
     ceiling = raw["fp32"]["ceiling_per_s"]
     out = []
-    for name in ("embed-c64", "embeddings1-c64", "embeddings32-c64"):
+    for name, wanted in THROUGHPUT_RATIOS.items():
         if name in runs:
             run = runs[name]
             ratio = run["embeddings_per_s"] / ceiling
@@ -497,10 +501,10 @@ def targets(raw: dict[str, Any], runs: dict[str, dict[str, Any]]) -> list[dict[s
             out.append(
                 {
                     "target": f"uncached {run['label']}: embeddings/s >= "
-                    f"{THROUGHPUT_RATIO} x raw batched ceiling",
+                    f"{wanted} x raw batched ceiling",
                     "value": run["embeddings_per_s"],
                     "ratio": round(ratio, 3),
-                    "pass": ratio >= THROUGHPUT_RATIO,
+                    "pass": ratio >= wanted,
                     "note": f"{run['mean_rows_per_run']:.0f} rows per forward pass on average; "
                     f"raw ORT at that batch size: {at_batch:.0f}/s, of which the service "
                     f"reached {run['embeddings_per_s'] / at_batch:.2f}",
@@ -528,12 +532,26 @@ def targets(raw: dict[str, Any], runs: dict[str, dict[str, Any]]) -> list[dict[s
         )
     if "cached-embed-c16" in runs:
         rps = runs["cached-embed-c16"]["requests_per_s"]
+        ratio = rps / raw["fp32"]["single_per_s"]
         out.append(
             {
-                "target": f"cached /v1/embed, c=16: >= {CACHED_RPS} requests/s",
+                "target": f"cached /v1/embed, c=16: requests/s >= {CACHED_RATIO} x raw "
+                "single-text embeddings/s",
                 "value": rps,
-                "ratio": round(rps / CACHED_RPS, 3),
-                "pass": rps >= CACHED_RPS,
+                "ratio": round(ratio, 3),
+                "pass": ratio >= CACHED_RATIO,
+            }
+        )
+    if "cached256-c4" in runs:
+        run = runs["cached256-c4"]
+        ratio = run["embeddings_per_s"] / ceiling
+        out.append(
+            {
+                "target": f"{run['label']}: embeddings/s >= {CACHED_BATCH_RATIO} x raw batched "
+                "ceiling",
+                "value": run["embeddings_per_s"],
+                "ratio": round(ratio, 3),
+                "pass": ratio >= CACHED_BATCH_RATIO,
             }
         )
     return out
@@ -597,11 +615,11 @@ def chart(report: dict[str, Any], path: Path) -> None:
             ceiling = report["raw"][r]["ceiling_per_s"]
             top.axhline(ceiling, color=colour, linestyle=style, label=f"raw ORT {r} ceiling")
     top.axhline(
-        report["raw"]["fp32"]["ceiling_per_s"] * THROUGHPUT_RATIO,
+        report["raw"]["fp32"]["ceiling_per_s"] * THROUGHPUT_RATIOS["embed-c64"],
         color="#c44e52",
         linestyle="-",
         linewidth=0.6,
-        label=f"{THROUGHPUT_RATIO} x fp32 ceiling",
+        label=f"{THROUGHPUT_RATIOS['embed-c64']} x fp32 ceiling",
     )
     top.set_ylabel("embeddings/s")
     top.set_yscale("log")

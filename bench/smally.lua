@@ -5,6 +5,8 @@
 -- MODE    embed       {"text": T}, T a fresh text of 6-10 random common words per request
 --         embeddings  {"model": ..., "input": T} (INPUTS = 1) or [T1, ..., Tn] (INPUTS = n)
 --         cached      {"text": T}, T one of CACHED_TEXTS fixed texts (warm them first)
+--         cached-embeddings  {"model": ..., "input": [T1, ..., Tn]}: the same n fixed texts in
+--                     every request (all cache hits once warm)
 -- SEED    mixed with the thread number, so every run and thread draws its own texts (a run
 --         that reused another's texts would be served from the cache).
 -- The API key comes from SMALLY_BENCH_KEY and the word list from SMALLY_BENCH_WORDS (one word a
@@ -41,7 +43,7 @@ function init(args)
   end
   -- The same fixed set in every thread and run: seeded alike before the per-thread seed.
   math.randomseed(20240101)
-  for i = 1, CACHED_TEXTS do
+  for i = 1, math.max(CACHED_TEXTS, inputs) do
     cached[i] = sentence()
   end
   math.randomseed(seed * 1000 + thread_number)
@@ -64,6 +66,12 @@ function request()
       input = "[" .. table.concat(texts, ",") .. "]"
     end
     body = '{"model":"' .. MODEL .. '","input":' .. input .. "}"
+  elseif mode == "cached-embeddings" then
+    local texts = {}
+    for i = 1, inputs do
+      texts[i] = '"' .. cached[i] .. '"'
+    end
+    body = '{"model":"' .. MODEL .. '","input":[' .. table.concat(texts, ",") .. "]}"
   elseif mode == "cached" then
     body = '{"text":"' .. cached[math.random(#cached)] .. '"}'
   else
