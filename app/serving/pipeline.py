@@ -76,7 +76,7 @@ class EmbeddingPipeline:
             computed = await self.model.infer([token_ids[i] for i in missing], normalize=normalize)
             for row, i in enumerate(missing):
                 vectors[i] = computed[row]
-            await self.cache.put_many([(keys[i], computed[row]) for row, i in enumerate(missing)])
+            self.cache.store([(keys[i], computed[row]) for row, i in enumerate(missing)])
         cached = [True] * len(keys)
         for i in missing:
             cached[i] = False

@@ -156,6 +156,7 @@ class Services:
         self.ready = False
         await self.usage.stop()
         await self.auth.stop()
+        await self.cache.flush()  # the L2 stores still on their way
         await self.redis.stop()
         if self.cache_redis is not None:
             await self.cache_redis.stop()

@@ -210,3 +210,75 @@ def test_put_many_stores_every_entry_with_its_expiry(run, key_prefix: str) -> No
         assert all(0 < ttl <= 60 for ttl in ttls), ttls
 
     run(scenario)
+
+
+def test_concurrent_lookups_share_their_l2_reads(run) -> None:
+    async def scenario(link: RedisLink) -> None:
+        writer = new_cache(link, l1_size=0)
+        keys = [writer.key([101, i, 102], True, 1) for i in range(64)]
+        await writer.put_many([(key, vector(i)) for i, key in enumerate(keys[:32])])
+        reader = new_cache(link, l1_size=0)
+        before = await command_calls(link)
+        # 64 requests at once, one key each: all of them ask before the reader's first turn,
+        # so one MGET answers them all.
+        hits = await asyncio.gather(*(reader.get_many([key]) for key in keys))
+        after = await command_calls(link)
+        assert after.get("mget", 0) - before.get("mget", 0) == 1
+        # One request whose MGET Redis holds for a moment (CLIENT PAUSE), 63 arriving meanwhile:
+        # they wait for it and go together, in one more.
+        await link.client.execute_command("CLIENT", "PAUSE", "300", "ALL")
+        first = asyncio.create_task(reader.get_many([keys[0]]))
+        await asyncio.sleep(0.05)
+        rest = [asyncio.create_task(reader.get_many([k])) for k in keys[1:]]
+        await asyncio.sleep(0.05)
+        assert not first.done()  # still held by Redis, with the 63 waiting behind it
+        again = [await first, *await asyncio.gather(*rest)]
+        calls = await command_calls(link)
+        assert calls.get("mget", 0) - after.get("mget", 0) == 2
+        assert [hit for (hit,) in again][32:] == [None] * 32
+        assert all(hit is not None for (hit,) in again[:32])
+        for i, (hit,) in enumerate(hits):  # each request gets its own answer
+            if i < 32:
+                assert hit is not None and hit.level == "l2"
+                np.testing.assert_array_equal(hit.vector, vector(i))
+            else:
+                assert hit is None
+
+    run(scenario)
+
+
+def test_store_answers_at_once_and_writes_l2_in_the_background(run, key_prefix: str) -> None:
+    async def scenario(link: RedisLink) -> None:
+        cache = new_cache(link, l1_size=100)
+        keys = [cache.key([101, i, 102], True, 1) for i in range(40)]
+        before = await command_calls(link)
+        for i, key in enumerate(keys):  # 40 requests' stores: a call, not a round trip each
+            cache.store([(key, vector(i))])
+        hit = await cache.get(keys[0])  # in L1 at once
+        assert hit is not None and hit.level == "l1"
+        await cache.flush()
+        after = await command_calls(link)
+        assert after.get("set", 0) - before.get("set", 0) == 40
+        stored = [k async for k in link.client.scan_iter(match=f"{key_prefix}emb:*")]
+        assert len(stored) == 40
+        hit = await new_cache(link).get(keys[39])
+        assert hit is not None and hit.level == "l2"
+        np.testing.assert_array_equal(hit.vector, vector(39))
+
+    run(scenario)
+
+
+def test_an_l2_outage_mid_lookup_is_a_miss_for_every_request_waiting(
+    servers: Servers, key_prefix: str
+) -> None:
+    async def main() -> None:
+        # A port nobody listens on: the shared MGET fails, and every lookup that waited on it
+        # gets misses (the model answers), not an error.
+        async with redis_link("redis://127.0.0.1:9/0", key_prefix) as link:
+            cache = new_cache(link)
+            keys = [cache.key([101, i, 102], True, 1) for i in range(10)]
+            hits = await asyncio.gather(*(cache.get_many([key]) for key in keys))
+            assert hits == [[None]] * 10
+            assert not link.available
+
+    asyncio.run(main())
