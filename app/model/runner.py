@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
@@ -23,6 +24,12 @@ class EngineRunner:
     """
 
     INLINE_TOKENIZE_CHARS = 2048
+    # Token ids of the latest single short texts: a text sent again (what the cache serves) is
+    # not tokenized again. Tokenizing one costs 60-70 us in the serving process, a third of a
+    # cached request's event-loop time (`make bench`: cached /v1/embed +15 % requests/s, p50
+    # 0.50 -> 0.41 ms). Bounded: 4,096 texts of at most 512 characters, ~3 MB.
+    MEMO_TEXTS = 4096
+    MEMO_MAX_CHARS = 512
     # Past this many characters, the tokenizer's buffers are worth handing back to the OS.
     TRIM_AFTER_CHARS = 64 * 1024
 
@@ -39,6 +46,7 @@ class EngineRunner:
         self._inference = ThreadPoolExecutor(max_workers=1, thread_name_prefix="onnx")
         self._tokenizing = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenize")
         self._heap = HeapTrimmer()
+        self._memo: OrderedDict[tuple[str, bool], tuple[int, ...]] = OrderedDict()
         self.queue = BatchingQueue(
             lambda rows: engine.infer(rows, normalize=False),
             self._inference,
@@ -56,6 +64,8 @@ class EngineRunner:
         self.queue.start()
 
     async def tokenize(self, texts: Sequence[str], *, truncate: bool = False) -> list[list[int]]:
+        if len(texts) == 1 and len(texts[0]) <= self.MEMO_MAX_CHARS:
+            return [list(self._tokenize_one(texts[0], truncate))]
         chars = sum(len(t) for t in texts)
         if chars <= self.INLINE_TOKENIZE_CHARS:
             return self.engine.tokenize(texts, truncate=truncate)
@@ -64,6 +74,18 @@ class EngineRunner:
         return await loop.run_in_executor(
             self._tokenizing, functools.partial(work, texts, truncate=truncate)
         )
+
+    def _tokenize_one(self, text: str, truncate: bool) -> tuple[int, ...]:
+        key = (text, truncate)
+        ids = self._memo.get(key)
+        if ids is None:
+            (row,) = self.engine.tokenize([text], truncate=truncate)  # TextTooLong: not kept
+            ids = self._memo[key] = tuple(row)
+            if len(self._memo) > self.MEMO_TEXTS:
+                self._memo.popitem(last=False)
+        else:
+            self._memo.move_to_end(key)
+        return ids
 
     def _tokenize_and_trim(self, texts: Sequence[str], *, truncate: bool) -> list[list[int]]:
         # A megabyte of text (a hostile one refused as too long, or 2,048 legitimate inputs)

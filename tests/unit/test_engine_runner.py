@@ -1,0 +1,59 @@
+"""EngineRunner.tokenize: the real tokenizer, and its memo of single short texts."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from app.model.engine import Engine, TextTooLong
+from app.model.runner import EngineRunner
+from tests.helpers import MODEL_PATH
+
+
+@pytest.fixture(scope="module")
+def engine() -> Engine:
+    return Engine(MODEL_PATH, max_tokens=16, threads=1)
+
+
+def test_a_text_sent_again_gets_the_same_ids_from_the_memo(engine: Engine) -> None:
+    runner = EngineRunner(engine)
+
+    async def main() -> None:
+        text = "the quick brown fox"
+        (first,) = await runner.tokenize([text])
+        assert first == engine.tokenize([text])[0]
+        first.append(0)  # a caller's list is its own: the memo is not changed through it
+        (again,) = await runner.tokenize([text])
+        assert again == engine.tokenize([text])[0] and again is not first
+        # truncate is part of the key: a long text is cut with it, refused without it.
+        long = " ".join(["word"] * 40)
+        (cut,) = await runner.tokenize([long], truncate=True)
+        assert len(cut) == 16
+        for _ in range(2):  # a refusal is not remembered as ids
+            with pytest.raises(TextTooLong):
+                await runner.tokenize([long])
+        # Two texts go through the tokenizer together, as before.
+        assert await runner.tokenize([text, long], truncate=True) == [again, cut]
+
+    asyncio.run(main())
+    asyncio.run(runner.stop())
+
+
+def test_the_memo_keeps_the_latest_texts_only(engine: Engine) -> None:
+    runner = EngineRunner(engine)
+    runner.MEMO_TEXTS = 3
+
+    async def main() -> None:
+        for i in range(10):
+            await runner.tokenize([f"text number {i}"])
+        await runner.tokenize(["text number 7"])  # used again: the newest
+        await runner.tokenize(["text number 10"])
+        assert [text for text, _ in runner._memo] == [
+            "text number 9",
+            "text number 7",
+            "text number 10",
+        ]
+
+    asyncio.run(main())
+    asyncio.run(runner.stop())
