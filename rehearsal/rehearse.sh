@@ -498,9 +498,9 @@ vm_ssh 'sudo systemctl status smally --no-pager' >"$RUN/status.out" 2>&1 || true
 grep -q 'Active: active (running)' "$RUN/status.out" || { cat "$RUN/status.out" >&2; die "systemctl status smally"; }
 vm_ssh 'sudo systemctl status smally.socket --no-pager' >"$RUN/status-socket.out" 2>&1 || true
 grep -q 'Active: active' "$RUN/status-socket.out" || { cat "$RUN/status-socket.out" >&2; die "systemctl status smally.socket"; }
-vm_ssh 'file -L /home/smally/smally-api/current/api' >"$RUN/file.out"
+vm_ssh 'sudo file -L /home/smally/smally-api/current/api' >"$RUN/file.out"
 grep -q 'ELF 64-bit.*x86-64' "$RUN/file.out" || die "file -L current/api: $(cat "$RUN/file.out")"
-vm_ssh 'ldd /home/smally/smally-api/current/api' >"$RUN/ldd.out" 2>&1 || true
+vm_ssh 'sudo ldd /home/smally/smally-api/current/api' >"$RUN/ldd.out" 2>&1 || true
 grep -q 'libc.so.6' "$RUN/ldd.out" && ! grep -q 'not found' "$RUN/ldd.out" || { cat "$RUN/ldd.out" >&2; die "ldd current/api"; }
 vm_ssh 'curl -sS http://127.0.0.1:8000/health' >"$RUN/health-direct.out"
 grep -q '"status":"healthy"' "$RUN/health-direct.out" || die "curl /health: $(cat "$RUN/health-direct.out")"
