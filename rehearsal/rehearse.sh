@@ -441,24 +441,26 @@ RELEASE_B=$("$HOST_PY" -c 'import json, sys; print(json.load(open(sys.argv[1]))[
 log "release A (serving): $RELEASE_A; release B (built): $RELEASE_B"
 end
 
+# make_releases N SERVING OTHER: `make releases` lists both and marks SERVING as the serving one.
+make_releases() {
+    local out="$RUN/releases-$1.out"
+    timeout 120 "${MAKE_VM[@]}" releases >"$out" 2>&1 || { cat "$out" >&2; die "make releases failed"; }
+    sed 's/^/    /' "$out" >&2
+    grep -qx "\* $2 (serving)" "$out" && grep -qx "  $3" "$out" ||
+        die "make releases does not list $3 and mark $2 serving"
+}
 begin releases "under load: make deploy of B, make rollback to A; make releases"
 under_load deploy-b deploy "$RUN/deploy-3.log"
 recap=$(grep -E '^rehearsal-vm +: ok=' "$RUN/deploy-3.log" | tail -n 1)
 [[ "$recap" =~ failed=0 ]] || die "the deploy of B: $recap"
 [ "$(serving_release)" == "$RELEASE_B" ] || die "after the deploy of B, /health names $(serving_release)"
 log "zero-downtime deploy: $LOAD"
-timeout 120 "${MAKE_VM[@]}" releases >"$RUN/releases-1.out" 2>&1 || { cat "$RUN/releases-1.out" >&2; die "make releases failed"; }
-sed 's/^/    /' "$RUN/releases-1.out" >&2
-grep -qx "  $RELEASE_A" "$RUN/releases-1.out" && grep -qx "\* $RELEASE_B (serving)" "$RUN/releases-1.out" ||
-    die "make releases does not list A and mark B serving"
+make_releases 1 "$RELEASE_B" "$RELEASE_A"
 under_load rollback timeout 300 "${MAKE_VM[@]}" rollback
 grep -qx "rollback: serving $RELEASE_A" "$RUN/rollback.out" || { cat "$RUN/rollback.out" >&2; die "make rollback did not say it serves $RELEASE_A"; }
 [ "$(serving_release)" == "$RELEASE_A" ] || die "after make rollback, /health names $(serving_release)"
 log "rollback: serving $RELEASE_A, $LOAD"
-timeout 120 "${MAKE_VM[@]}" releases >"$RUN/releases-2.out" 2>&1 || { cat "$RUN/releases-2.out" >&2; die "make releases failed"; }
-sed 's/^/    /' "$RUN/releases-2.out" >&2
-grep -qx "\* $RELEASE_A (serving)" "$RUN/releases-2.out" && grep -qx "  $RELEASE_B" "$RUN/releases-2.out" ||
-    die "make releases does not mark A serving after the rollback"
+make_releases 2 "$RELEASE_A" "$RELEASE_B"
 # The ledger is written in batches, every second (app/serving/usage.py): wait for the last one.
 for _ in $(seq 30); do
     ledger=$(load_ledger)

@@ -15,11 +15,4 @@ set -euo pipefail
 case "$1" in
 serve) die "the service runs under systemd: sudo systemctl restart $SMALLY_SERVICE" ;;
 esac
-[ -x "$SMALLY_APP_DIR/current/api" ] || die "no $SMALLY_APP_DIR/current/api (deploy first)"
-# api (the serving release's) reads .env from its working directory.
-cd "$SMALLY_APP_DIR"
-if [ "$(id -un)" == "$SMALLY_USER" ]; then
-    exec ./current/api "$@"
-fi
-[ "$(id -u)" == 0 ] || die "run as root or $SMALLY_USER (the .env is readable by $SMALLY_USER only)"
-exec runuser -u "$SMALLY_USER" -- ./current/api "$@"
+exec_release api "$@"

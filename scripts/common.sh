@@ -14,6 +14,20 @@ die() {
     exit 1
 }
 
+# exec_release BINARY [ARGS...]: run the serving release's BINARY (api, create_api_key) as
+# $SMALLY_USER from the app directory, where it reads the .env.
+exec_release() {
+    local binary=$1
+    shift
+    [ -x "$SMALLY_APP_DIR/current/$binary" ] || die "no $SMALLY_APP_DIR/current/$binary (deploy first)"
+    cd "$SMALLY_APP_DIR"
+    if [ "$(id -un)" == "$SMALLY_USER" ]; then
+        exec "./current/$binary" "$@"
+    fi
+    [ "$(id -u)" == 0 ] || die "run as root or $SMALLY_USER (the .env is readable by $SMALLY_USER only)"
+    exec runuser -u "$SMALLY_USER" -- "./current/$binary" "$@"
+}
+
 # env_value NAME [DEFAULT]: NAME from the environment, else from the .env (systemd EnvironmentFile
 # syntax: KEY=VALUE, optional `export `, optional surrounding quotes), else DEFAULT.
 env_value() {

@@ -9,11 +9,4 @@ set -euo pipefail
 . "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
 [ $# -ge 1 ] || die "usage: create-api-key.sh EMAIL [TIER] [--name LABEL]"
-[ -x "$SMALLY_APP_DIR/current/create_api_key" ] || die "no $SMALLY_APP_DIR/current/create_api_key (deploy first)"
-# create_api_key (the serving release's) reads .env from its working directory.
-cd "$SMALLY_APP_DIR"
-if [ "$(id -un)" == "$SMALLY_USER" ]; then
-    exec ./current/create_api_key "$@"
-fi
-[ "$(id -u)" == 0 ] || die "run as root or $SMALLY_USER (the .env is readable by $SMALLY_USER only)"
-exec runuser -u "$SMALLY_USER" -- ./current/create_api_key "$@"
+exec_release create_api_key "$@"

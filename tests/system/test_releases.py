@@ -172,3 +172,37 @@ def test_rollback_fails_when_the_release_does_not_come_up(app_dir: Path, tmp_pat
         SMALLY_ROLLBACK_WAIT="3",
     )
     assert result.returncode != 0 and "not healthy" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("script", "binary"), [("api.sh", "api"), ("create-api-key.sh", "create_api_key")]
+)
+def test_operator_scripts_run_the_serving_release_from_the_app_dir(
+    app_dir: Path, script: str, binary: str
+) -> None:
+    """scripts/api.sh and create-api-key.sh (`make api`, `make create-key`): the binary of the
+    release `current` points at, run where it finds the .env, with the operator's arguments."""
+    shutil.copy(ROOT / "scripts" / script, app_dir / "scripts" / script)
+    serving_release = app_dir / "releases" / NAMES[1]
+    (app_dir / "current").symlink_to(serving_release.relative_to(app_dir))
+    (serving_release / binary).write_text('#!/bin/sh\necho "$(readlink -f "$0") $(pwd) $*"\n')
+    (serving_release / binary).chmod(0o755)
+    user = subprocess.run(["id", "-un"], capture_output=True, text=True, check=True).stdout.strip()
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [str(app_dir / "scripts" / script), *args],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env={"PATH": "/usr/bin:/bin", "SMALLY_USER": user},
+            check=False,
+        )
+
+    done = run("keys", "list", "a b@example.com")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == f"{serving_release / binary} {app_dir} keys list a b@example.com\n"
+    (app_dir / "current").unlink()
+    done = run("keys", "list")
+    assert done.returncode == 1
+    assert f"no {app_dir}/current/{binary} (deploy first)" in done.stderr
