@@ -4,9 +4,15 @@ Hypercorn's own shutdown marks the server terminated first and stops accepting a
 connection accepted in between, or accepted just before with its request still unread, is idle,
 and hypercorn closes idle connections at once. Behind nginx that is a 502; on a socket systemd
 holds (systemd/smally.socket) it is needless, because a connection left in the socket's queue is
-served by the next process. So on SIGTERM each worker here first stops accepting, gives the
-connections it already accepted time to deliver their requests (then they are in flight, and
-hypercorn lets in-flight requests finish), and only then lets hypercorn shut down.
+served by the next process. A proxy's idle keep-alive connection is the same case: nginx may
+send a request on it at the instant hypercorn closes it, and a POST it had sent is never retried.
+
+So on SIGTERM each worker here first stops accepting and marks every answer from then on
+`Connection: close` (a proxy drops such a connection after its answer, never reusing it); then
+it waits DRAIN_SECONDS, longer than the proxy keeps an upstream connection idle (nginx/smally.conf
+`keepalive_timeout`), so that every connection left idle has been closed by the proxy itself, and
+every connection accepted before has delivered its request; only then does hypercorn shut down
+(in-flight requests finish, nothing idle is left to close).
 
 Workers run in this process (`workers == 0`) or as that many spawned processes, which share the
 listening sockets and stop when this process is signalled.
@@ -23,15 +29,18 @@ from multiprocessing.connection import wait
 from multiprocessing.synchronize import Event
 from typing import Any
 
+from hypercorn.app_wrappers import ASGIWrapper
 from hypercorn.asyncio.run import worker_serve
 from hypercorn.config import Config, Sockets
+from hypercorn.typing import ASGIFramework, ASGIReceiveCallable, ASGISendCallable, Scope
 from hypercorn.utils import load_application
 
 log = logging.getLogger(__name__)
 
-# A connection accepted before the worker stopped accepting has its request on the way (a proxy
-# writes it as soon as the connection is up): well under this, even on a loaded machine.
-ACCEPTED_SETTLE_SECONDS = 1.0
+# Longer than a proxy keeps an idle upstream connection (nginx/smally.conf: keepalive_timeout
+# 1s; tests/system/test_ops.py holds the two in order), and than a connection accepted before
+# the worker stopped accepting takes to deliver its request (a proxy writes it at once).
+DRAIN_SECONDS = 1.5
 _STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
@@ -87,8 +96,35 @@ class _ServerRecordingLoop(asyncio.SelectorEventLoop):
         return server
 
 
+class CloseWhenDraining:
+    """ASGI middleware: once `draining`, every answer says `Connection: close` (h11 then closes
+    the connection after it), so a proxy never reuses a connection of a stopping worker."""
+
+    def __init__(self, app: ASGIFramework) -> None:
+        self.app = app
+        self.draining = False
+
+    async def __call__(
+        self, scope: Scope, receive: ASGIReceiveCallable, send: ASGISendCallable
+    ) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def send_closing(message: Any) -> None:
+            if message["type"] == "http.response.start" and self.draining:
+                headers = [h for h in message.get("headers", ()) if h[0].lower() != b"connection"]
+                message = {**message, "headers": [*headers, (b"connection", b"close")]}
+            await send(message)
+
+        await self.app(scope, receive, send_closing)
+
+
 def _worker(config: Config, sockets: Sockets, stopping: Event | None = None) -> None:
-    app = load_application(config.application_path, config.wsgi_max_body_size)
+    loaded = load_application(config.application_path, config.wsgi_max_body_size)
+    assert isinstance(loaded, ASGIWrapper), "an ASGI application"
+    closing = CloseWhenDraining(loaded.app)
+    app = ASGIWrapper(closing)
 
     async def main() -> None:
         loop = asyncio.get_running_loop()
@@ -102,12 +138,13 @@ def _worker(config: Config, sockets: Sockets, stopping: Event | None = None) -> 
             while not signalled.is_set() and not (stopping is not None and stopping.is_set()):
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(signalled.wait(), timeout=0.1)
+            closing.draining = True
             # Stop accepting: closes this process's descriptor of each listening socket; the
             # socket itself lives on while systemd (or the next process) holds it, and the kernel
             # keeps queueing connections on it.
             for server in loop.servers:
                 server.close()
-            await asyncio.sleep(ACCEPTED_SETTLE_SECONDS)
+            await asyncio.sleep(DRAIN_SECONDS)
 
         await worker_serve(app, config, sockets=sockets, shutdown_trigger=shutdown_trigger)
 

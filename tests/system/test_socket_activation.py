@@ -5,6 +5,9 @@ outlives the process, so a connection made while no process runs waits and is se
 
 from __future__ import annotations
 
+import random
+import re
+import signal
 import socket
 import threading
 import time
@@ -15,6 +18,66 @@ import pytest
 from dev.launcher import VENV_BIN
 from tests.conftest import Servers
 from tests.helpers import ApiProcess, base_env, queued_request, read_answer, socket_activated
+
+ROOT = Path(__file__).resolve().parents[2]
+# How long nginx keeps an idle upstream connection (nginx/smally.conf); a connection idle for
+# less may carry nginx's next request at any moment.
+PROXY_IDLE_SECONDS = float(
+    re.search(r"keepalive_timeout (\d+(?:\.\d+)?)s;", (ROOT / "nginx/smally.conf").read_text())[1]
+)
+
+
+class KeptAlive:
+    """One client connection used the way nginx uses an upstream keep-alive connection: request
+    after request, dropped once an answer says `Connection: close` or after PROXY_IDLE_SECONDS
+    idle. `get` returns the status line (or the error) and whether the answer said close."""
+
+    REQUEST = b"GET /health HTTP/1.1\r\nHost: smally\r\n\r\n"
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.sock: socket.socket | None = None
+        self.used = 0.0
+
+    def get(self, *, drop_on_close: bool = True) -> tuple[bytes, bool]:
+        if self.sock is not None and time.monotonic() - self.used >= PROXY_IDLE_SECONDS:
+            self.close()
+        if self.sock is None:
+            self.sock = socket.create_connection(("127.0.0.1", self.port), timeout=90)
+        try:
+            self.sock.sendall(self.REQUEST)
+            data = b""
+            while b"\r\n\r\n" not in data:
+                data += self._recv()
+            head, _, body = data.partition(b"\r\n\r\n")
+            length = int(re.search(rb"(?im)^content-length: *(\d+)", head)[1])  # type: ignore[index]
+            while len(body) < length:
+                body += self._recv()
+        except OSError as exc:
+            self.close()
+            return f"error: {exc!r}".encode(), True
+        closing = re.search(rb"(?im)^connection: *close", head) is not None
+        self.used = time.monotonic()
+        if closing and drop_on_close:
+            self.close()
+        return head.split(b"\r\n", 1)[0], closing
+
+    def closed_by_server(self) -> bool:
+        assert self.sock is not None
+        self.sock.settimeout(10)
+        return self.sock.recv(1) == b""
+
+    def close(self) -> None:
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
+
+    def _recv(self) -> bytes:
+        assert self.sock is not None
+        chunk = self.sock.recv(65536)
+        if not chunk:
+            raise ConnectionResetError("closed with no answer")
+        return chunk
 
 
 def test_api_serves_on_the_socket_systemd_passes_and_the_socket_outlives_it(
@@ -44,6 +107,35 @@ def test_api_serves_on_the_socket_systemd_passes_and_the_socket_outlives_it(
                 assert api.stop() == 0, api.logs()
 
 
+def test_a_stopping_worker_answers_kept_alive_connections_and_closes_each_after_its_answer(
+    servers: Servers, tmp_path: Path
+) -> None:
+    """A connection nginx keeps alive may carry a request up to PROXY_IDLE_SECONDS after its
+    last one. After SIGTERM the service answers such requests, each with `Connection: close`
+    (so nginx never sends another on it), and closes nothing idle before nginx would have."""
+    env = base_env(DATABASE_URL=servers.new_database(), REDIS_URL=servers.redis_url)
+    api = ApiProcess(env, tmp_path)
+    api.start()
+    try:
+        api.wait_healthy()
+        soon, late = KeptAlive(api.port), KeptAlive(api.port)
+        assert soon.get() == (b"HTTP/1.1 200 ", False)
+        assert late.get() == (b"HTTP/1.1 200 ", False)
+        api.send_signal(signal.SIGTERM)
+        stopped_at = time.monotonic()
+        time.sleep(0.2)
+        status, closing = soon.get(drop_on_close=False)
+        assert (status, closing) == (b"HTTP/1.1 200 ", True), api.logs()
+        assert soon.closed_by_server()
+        # Idle for just under what nginx allows: nginx may still send on it, so it is answered.
+        time.sleep(max(0.0, stopped_at + 0.9 * PROXY_IDLE_SECONDS - time.monotonic()))
+        status, closing = late.get()
+        assert (status, closing) == (b"HTTP/1.1 200 ", True), api.logs()
+        assert api.process is not None and api.process.wait(30) == 0, api.logs()
+    finally:
+        api.stop()
+
+
 @pytest.mark.parametrize("workers", ["1", "2"])
 def test_a_restart_under_load_answers_every_request(
     servers: Servers, tmp_path: Path, workers: str
@@ -63,6 +155,16 @@ def test_a_restart_under_load_answers_every_request(
         while not stop_load.is_set():
             answers.append(read_answer(queued_request(port)))
 
+    def kept_alive_load(seed: int) -> None:
+        # Like nginx's upstream connections: reused, some left idle almost as long as nginx
+        # keeps them, some just past it.
+        pauses = random.Random(seed)
+        client = KeptAlive(port)
+        while not stop_load.is_set():
+            answers.append(client.get()[0])
+            time.sleep(pauses.choice((0.0, 0.0, 0.05, 0.5, 0.9, 1.1)) * PROXY_IDLE_SECONDS)
+        client.close()
+
     with socket.create_server(("127.0.0.1", 0), backlog=256) as listener:
         port = listener.getsockname()[1]
         wrapper = socket_activated(tmp_path, listener, VENV_BIN / "api")
@@ -77,6 +179,7 @@ def test_a_restart_under_load_answers_every_request(
 
         api = start()
         clients = [threading.Thread(target=load) for _ in range(4)]
+        clients += [threading.Thread(target=kept_alive_load, args=(n,)) for n in range(4)]
         for client in clients:
             client.start()
         try:
