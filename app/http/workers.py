@@ -9,9 +9,9 @@ send a request on it at the instant hypercorn closes it, and a POST it had sent 
 
 So on SIGTERM each worker here first stops accepting and marks every answer from then on
 `Connection: close` (a proxy drops such a connection after its answer, never reusing it); then
-it waits DRAIN_SECONDS, longer than the proxy keeps an upstream connection idle (nginx/smally.conf
-`keepalive_timeout`), so that every connection left idle has been closed by the proxy itself, and
-every connection accepted before has delivered its request; only then does hypercorn shut down
+it waits DRAIN_SECONDS, longer than a client that drops idle connections after a second keeps one,
+so that every connection left idle has been closed by the client itself, and every connection
+accepted before has delivered its request; only then does hypercorn shut down
 (in-flight requests finish, nothing idle is left to close).
 
 Workers run in this process (`workers == 0`) or as that many spawned processes, which share the
@@ -37,9 +37,10 @@ from hypercorn.utils import load_application
 
 log = logging.getLogger(__name__)
 
-# Longer than a proxy keeps an idle upstream connection (nginx/smally.conf: keepalive_timeout
-# 1s; tests/system/test_ops.py holds the two in order), and than a connection accepted before
-# the worker stopped accepting takes to deliver its request (a proxy writes it at once).
+# Longer than a keep-alive client that drops idle connections after a second keeps one, and
+# than a connection accepted before the worker stopped accepting takes to deliver its request
+# (a proxy writes it at once). nginx/smally.conf keeps no idle connection at all: on a loaded
+# machine nginx's own idle timer can run late.
 DRAIN_SECONDS = 1.5
 _STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 

@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 from app.config import Settings
-from app.http.runner import SOCKET_BACKLOG, hypercorn_config
+from app.http.runner import SOCKET_BACKLOG
 from app.http.workers import DRAIN_SECONDS
 from app.serving.usage import UsageRecorder
 
@@ -46,29 +46,20 @@ def test_backup_keeps_password_off_the_command_line(tmp_path: Path) -> None:
     assert lines[1] == f"env={PASSWORD}"  # decoded for libpq
 
 
-def test_nginx_closes_idle_upstream_connections_before_the_service_would() -> None:
-    """The service may only close a connection nginx can no longer be sending a request on (a
-    POST sent on a connection closed under it is a 502 that nobody retries): nginx drops an idle
-    upstream connection sooner than the service times one out, and sooner than a stopping worker
-    waits (app/http/workers.py) before it closes whatever is still idle."""
+def test_nginx_keeps_no_idle_connection_to_the_service() -> None:
+    """An idle upstream connection that the service closes at SIGTERM just as nginx sends a POST
+    on it is a 502 that nobody retries: one connection per request, so a restart drops nothing.
+    (A stopping worker waits DRAIN_SECONDS before it closes anything, but whether nginx drops its
+    idle connections sooner depends on the machine's load: 3 of 91 requests failed on one.)"""
     conf = (ROOT / "nginx/smally.conf").read_text()
     upstream = re.search(r"upstream smally_api \{(.*?)\n\}", conf, re.S)
     assert upstream
-    directives = dict(
-        line.split("#")[0].strip().rstrip(";").split(None, 1)
-        for line in upstream.group(1).splitlines()
-        if line.split("#")[0].strip()
-    )
-    idle = float(directives["keepalive_timeout"].removesuffix("s"))
-    settings = Settings.from_env(
-        {"DATABASE_URL": "postgresql://u@127.0.0.1/db", "REDIS_URL": "redis://127.0.0.1/0"},
-        dotenv=None,
-    )
-    service = hypercorn_config(settings).keep_alive_timeout
-    print(f"nginx idle {idle} s < drain {DRAIN_SECONDS} s, < service keep-alive {service} s")
-    assert int(directives["keepalive"]) > 0
-    assert idle + 0.5 <= DRAIN_SECONDS and idle * 2 <= service
-    assert 'proxy_set_header Connection "";' in conf  # keep-alive, whatever the client asked
+    directives = [
+        line.split("#")[0].strip() for line in upstream.group(1).splitlines() if line.strip()
+    ]
+    assert not [d for d in directives if d.startswith("keepalive")], directives
+    assert "proxy_set_header Connection close;" in conf
+    assert DRAIN_SECONDS >= 1.0
 
 
 def test_systemd_stop_timeout_covers_drain_and_ledger_flush() -> None:
@@ -124,7 +115,12 @@ def test_unit_runs_the_current_release_on_the_socket_systemd_holds() -> None:
     assert re.search(r"^Requires=smally\.socket$", unit, re.M)
     assert re.search(r"^After=smally\.socket ", unit, re.M)
     socket_unit = (ROOT / "systemd/smally.socket").read_text()
-    assert re.search(r"^ListenStream=127\.0\.0\.1:\{\{ smally_api_port \}\}$", socket_unit, re.M)
+    # 127.0.0.1 on a single server, the private address on a cluster's API host.
+    assert re.search(
+        r"^ListenStream=\{\{ smally_api_listen \}\}:\{\{ smally_api_port \}\}$", socket_unit, re.M
+    )
+    variables = (ROOT / "ansible/vars/smally.yml").read_text()
+    assert "smally_api_listen: \"{{ '127.0.0.1' if smally_api_local else" in variables
     # hypercorn listen()s again on the socket: with the same backlog, not its default of 100.
     backlog = re.search(r"^Backlog=(\d+)$", socket_unit, re.M)
     assert backlog and int(backlog.group(1)) == SOCKET_BACKLOG
