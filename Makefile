@@ -186,7 +186,7 @@ EMAIL ?=
 TIER ?=
 LOG_LINES ?= 100
 RELEASE ?=
-.PHONY: help-deploy ansible-tools lint-deploy check-dist deploy restart releases rollback logs create-key api backup health rehearse
+.PHONY: help-deploy ansible-tools lint-deploy check-dist deploy restart releases rollback logs create-key api backup health rehearse rehearse-cluster
 
 help-deploy:
 	@echo "make deploy       ansible/site.yml against INVENTORY=$(INVENTORY) (build first: make build)"
@@ -201,6 +201,7 @@ help-deploy:
 	@echo "make health       scripts/health-check.sh on the server (exit status: pass/fail)"
 	@echo "make lint-deploy  ansible-lint (production profile) and bash -n on the scripts"
 	@echo "make rehearse     the whole deployment in a throwaway Debian 12 VM, checked (root)"
+	@echo "make rehearse-cluster  the cluster layout on three throwaway machines, checked (root)"
 
 $(ANSIBLE_VENV)/.installed: ansible/requirements.txt
 	$(PYTHON) -m venv $(ANSIBLE_VENV)
@@ -254,3 +255,8 @@ health:
 
 rehearse:
 	rehearsal/rehearse.sh
+
+# The cluster layout (ansible/inventory/cluster.example.yml) on three systemd-nspawn machines
+# booted from the same base image (root, ~10 min).
+rehearse-cluster:
+	rehearsal/rehearse-cluster.sh

@@ -3,11 +3,12 @@ use.
 
     python3 ansible/server_ssh.py [--tty] INVENTORY -- COMMAND [ARG...]
 
-The server is the first host of the inventory's `smally` group, reached the way Ansible reaches
-it (ansible_host, ansible_port, ansible_user, ansible_ssh_private_key_file,
-ansible_ssh_common_args), read with `ansible-inventory` from the tool venv. SERVER=user@host
-skips the inventory; SSH_OPTS adds ssh options either way. COMMAND and its arguments are quoted
-for the remote shell, so an argument with spaces stays one argument.
+The server is the first host of the inventory's `smally_api` group (a cluster) or else of its
+`smally` group, reached the way Ansible reaches it (ansible_host, ansible_port, ansible_user,
+ansible_ssh_private_key_file, ansible_ssh_common_args), read with `ansible-inventory` from the
+tool venv. SERVER=user@host skips the inventory; SSH_OPTS adds ssh options either way. COMMAND
+and its arguments are quoted for the remote shell, so an argument with spaces stays one
+argument.
 """
 
 from __future__ import annotations
@@ -29,6 +30,15 @@ def die(message: str) -> None:
     sys.exit(2)
 
 
+def group_hosts(data: dict, name: str) -> list[str]:
+    """The hosts of a group of `ansible-inventory --list`, its children's included, in order."""
+    group = data.get(name, {})
+    hosts = list(group.get("hosts", []))
+    for child in group.get("children", []):
+        hosts += [host for host in group_hosts(data, child) if host not in hosts]
+    return hosts
+
+
 def from_inventory(inventory: str) -> list[str]:
     if not Path(inventory).exists():
         die(f"no inventory {inventory}: see ansible/inventory/hosts.example.yml, or set SERVER")
@@ -41,7 +51,8 @@ def from_inventory(inventory: str) -> list[str]:
         [program, "-i", inventory, "--list"], check=True, capture_output=True, text=True
     )
     data = json.loads(listed.stdout)
-    hosts = data.get("smally", {}).get("hosts", [])
+    # An API host: on a cluster (ansible/inventory/cluster.example.yml) the first of smally_api.
+    hosts = group_hosts(data, "smally_api") or group_hosts(data, "smally")
     if not hosts:
         die(f"{inventory} has no host in the group `smally`")
     host = hosts[0]

@@ -12,6 +12,8 @@ CHECK is one of:
   burst      a burst beyond the limit_req rate on /v1/ gets 429 from nginx
   metrics    /metrics through nginx from outside the machine is refused (403)
   http       port 80 redirects to HTTPS, and serves ACME challenges (--acme-token NAME:CONTENT)
+  quota      --count requests at once (--parallel), each a different text, with --key: prints
+             "200s=<a> 429s=<b> other=<c>" (a cluster's exactness: a = the key's monthly limit)
   load       steady load until --stop-file exists: --workers clients POST /v1/embed with --key,
              --rate requests/s in all (under nginx's limit_req); every answer but a 200, and
              every connection error, is a failure. Prints "<n> requests, <f> failed, slowest
@@ -171,6 +173,26 @@ def check_burst(args: argparse.Namespace) -> int:
     return ok(f"burst of {args.count} on /v1/: {counts} (limit_req at work)")
 
 
+def check_quota(args: argparse.Namespace) -> int:
+    start = threading.Barrier(args.parallel)
+
+    def one(index: int) -> int:
+        if index < args.parallel:
+            start.wait()  # the first wave leaves together
+        try:
+            data = {"text": f"quota check {index} {os.getpid()}"}
+            return request(f"{args.https}/v1/embed", args.ca, data=data, key=args.key).status
+        except OSError:
+            return 0
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=args.parallel) as pool:
+        statuses = list(pool.map(one, range(args.count)))
+    counted = {200: statuses.count(200), 429: statuses.count(429)}
+    other = len(statuses) - counted[200] - counted[429]
+    line = f"200s={counted[200]} 429s={counted[429]} other={other}"
+    return ok(line) if other == 0 else fail(line)
+
+
 def check_metrics(args: argparse.Namespace) -> int:
     answer = request(f"{args.https}/metrics", args.ca)
     if answer.status != 403:
@@ -256,6 +278,7 @@ def main() -> int:
             "burst",
             "metrics",
             "http",
+            "quota",
             "load",
         ],
     )
@@ -280,6 +303,7 @@ def main() -> int:
         "burst": check_burst,
         "metrics": check_metrics,
         "http": check_http,
+        "quota": check_quota,
         "load": check_load,
     }
     try:

@@ -371,7 +371,7 @@ check http --acme-token "$token:$token-content"
 # valid nginx too (rendered from the same template, checked by nginx -t in the VM).
 ANSIBLE_SSH_CONTROL_PATH_DIR="$RUN/cp" ansible rehearsal-vm -i "$RUN/inventory/hosts.yml" -b \
     -m ansible.builtin.template -a "src=$STAGE/nginx/smally.conf dest=/tmp/smally-plain.conf mode=0644" \
-    -e "@$STAGE/ansible/roles/smally/defaults/main.yml" -e '{"smally_tls_certificate": ""}' >"$RUN/plain-site.log" 2>&1 ||
+    -e "@$STAGE/ansible/roles/smally/defaults/main.yml" -e "@$STAGE/ansible/vars/smally.yml" -e '{"smally_tls_certificate": ""}' >"$RUN/plain-site.log" 2>&1 ||
     { cat "$RUN/plain-site.log" >&2; die "rendering the site without TLS failed"; }
 vm_ssh 'printf "events {}\nhttp { include /etc/nginx/mime.types; include /tmp/smally-plain.conf; }\n" >/tmp/nginx-plain.conf &&
     sudo nginx -t -q -c /tmp/nginx-plain.conf' >"$RUN/plain-site.out" 2>&1 ||

@@ -27,7 +27,9 @@ def _defaults() -> dict[str, str]:
 
 def _render(template: str) -> str:
     """The template with its variables filled in (they are plain `{{ name }}` references)."""
-    values = {**_defaults(), "vault_smally_redis_password": PASSWORD}
+    # ansible/vars/smally.yml's derived values, as on a single server.
+    single_server = {"smally_redis_bind": "127.0.0.1"}
+    values = {**_defaults(), **single_server, "vault_smally_redis_password": PASSWORD}
     text = (TEMPLATES / template).read_text()
     assert "{%" not in text  # nothing but plain references to fill in
     return re.sub(r"\{\{ (\w+) \}\}", lambda m: values[m.group(1)], text)
@@ -102,8 +104,8 @@ def test_the_cache_redis_evicts_least_recently_used(tmp_path: Path) -> None:
 def test_the_env_points_smally_at_both_with_the_password() -> None:
     env = (TEMPLATES / "env.j2").read_text()
     defaults = _defaults()
-    assert "REDIS_URL=redis://:{{ vault_smally_redis_password }}@127.0.0.1:6379/0" in env
-    assert "CACHE_REDIS_URL=redis://:{{ vault_smally_redis_password }}@127.0.0.1:" in env
+    assert "REDIS_URL=redis://:{{ vault_smally_redis_password }}@{{ smally_db_host }}:6379/0" in env
+    assert "CACHE_REDIS_URL=redis://:{{ vault_smally_redis_password }}@{{ smally_db_host }}:" in env
     assert defaults["smally_cache_redis_port"] != "6379"
     assert "port 6379" in _render("redis-counters.conf.j2")
     # The cache's server is Debian's template unit; its paths are the ones that unit allows.

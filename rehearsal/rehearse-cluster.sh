@@ -1,0 +1,317 @@
+#!/usr/bin/env bash
+# `make rehearse-cluster`: the cluster layout of ansible/inventory/cluster.example.yml, deployed
+# with the real playbook to three throwaway machines (rehearsal/machines.sh: systemd-nspawn, each
+# with its own address on a private network, reached over SSH), and proven through the edge.
+# Needs root.
+#
+#   front 10.77.0.10   smally_data (PostgreSQL, both Redis) and smally_edge (nginx, TLS)
+#   api1  10.77.0.11   smally_api
+#   api2  10.77.0.12   smally_api
+#
+# Stages: tools, machines, build, deploy (twice: the second changed=0), network (what each host
+# admits), quota (300 concurrent requests of a free user with limit 100 through the edge: exactly
+# 100 200s and 200 429s, served by both API hosts, the ledger 100), host-down (api1's socket and
+# service stopped and started under steady load), rolling (a new build deployed under steady
+# load), ledger (the usage rows equal the 200s), down. Prints the three `cluster ...:` lines.
+#
+# Environment: SMALLY_CLUSTER_DIR (the run's files, default ~/.cache/smally/rehearsal-cluster),
+# SMALLY_SKIP_BUILD=1 (deploy dist/ as it is first), SMALLY_REHEARSAL_KEEP=1 (leave the machines
+# up after a failure).
+set -euo pipefail
+
+REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+CACHE_ROOT=${HOME:-/root}/.cache/smally
+RUN=${SMALLY_CLUSTER_DIR:-$CACHE_ROOT/rehearsal-cluster}
+STAGE="$RUN/stage"
+ANSIBLE_VENV="$REPO/.cache/ansible-venv"
+HOST_PY=python3
+export ANSIBLE_CONFIG="$REPO/ansible/ansible.cfg"
+EDGE=10.77.0.10
+API1=10.77.0.11
+API2=10.77.0.12
+FREE_LIMIT=100
+
+log() { printf '%s rehearse-cluster: %s\n' "$(date -u +%H:%M:%S)" "$*" >&2; }
+die() {
+    log "FAILED: $*"
+    exit 1
+}
+
+STAGE_NAMES=() STAGE_TIMES=() CURRENT="" CURRENT_START=0 STARTED=$SECONDS
+begin() {
+    CURRENT=$1
+    CURRENT_START=$SECONDS
+    log "=== $1: $2"
+}
+end() {
+    STAGE_NAMES+=("$CURRENT")
+    STAGE_TIMES+=("$((SECONDS - CURRENT_START))")
+    log "=== $CURRENT done in $((SECONDS - CURRENT_START)) s"
+    CURRENT=""
+}
+print_times() {
+    local i
+    {
+        echo
+        echo "cluster rehearsal stage times (seconds):"
+        for i in "${!STAGE_NAMES[@]}"; do
+            printf '  %-10s %5d\n' "${STAGE_NAMES[$i]}" "${STAGE_TIMES[$i]}"
+        done
+        [ -z "$CURRENT" ] || printf '  %-10s %5d  <- FAILED here\n' "$CURRENT" "$((SECONDS - CURRENT_START))"
+        printf '  %-10s %5d\n' total "$((SECONDS - STARTED))"
+        echo "result: $1 (logs in $RUN)"
+    } | tee -a "$RUN/times.txt" >&2
+}
+
+on() { # on HOST COMMAND: run COMMAND (a shell string) on HOST as admin
+    local host=$1
+    shift
+    timeout 300 ssh -F /dev/null -o BatchMode=yes -o ConnectTimeout=10 -o LogLevel=ERROR \
+        -o UserKnownHostsFile="$RUN/known_hosts" -o StrictHostKeyChecking=yes \
+        -i "$RUN/id_ed25519" "admin@$host" -- "$@"
+}
+
+LOAD_STOP=""
+cleanup() {
+    local status=$?
+    trap - EXIT INT TERM
+    set +e
+    [ -z "$LOAD_STOP" ] || touch "$LOAD_STOP"
+    if [ "$status" != 0 ] && [ "${SMALLY_REHEARSAL_KEEP:-}" == 1 ]; then
+        log "SMALLY_REHEARSAL_KEEP=1: the machines stay up ($RUN/machines); ssh -i $RUN/id_ed25519 admin@$API1"
+        log "  then: rehearsal/machines.sh down $RUN/machines"
+        print_times "FAILED (exit $status)"
+        exit "$status"
+    fi
+    "$REPO/rehearsal/machines.sh" down "$RUN/machines"
+    rm -f "$RUN/id_ed25519" "$RUN/vault_pass" "$RUN/tls/privkey.pem"
+    if [ "$status" == 0 ]; then print_times PASSED; else print_times "FAILED (exit $status)"; fi
+    exit "$status"
+}
+
+[ "$(id -u)" == 0 ] || die "needs root (systemd-nspawn, mounts, a bridge)"
+mkdir -p "$RUN" "$CACHE_ROOT"
+exec 9>"$CACHE_ROOT/rehearsal-cluster.lock"
+flock -n 9 || die "another cluster rehearsal is running (lock $CACHE_ROOT/rehearsal-cluster.lock)"
+"$REPO/rehearsal/machines.sh" down "$RUN/machines" # what a killed run left behind
+find "$RUN" -mindepth 1 -delete
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+begin tools "systemd-nspawn, nft, qemu-img; ansible"
+missing=()
+command -v systemd-nspawn >/dev/null || missing+=(systemd-container)
+command -v nft >/dev/null || missing+=(nftables)
+command -v qemu-img >/dev/null || missing+=(qemu-utils)
+command -v debootstrap >/dev/null || missing+=(debootstrap)
+command -v mkfs.ext4 >/dev/null || missing+=(e2fsprogs)
+command -v ssh >/dev/null || missing+=(openssh-client)
+command -v openssl >/dev/null || missing+=(openssl)
+command -v curl >/dev/null || missing+=(curl)
+if [ ${#missing[@]} -gt 0 ]; then
+    log "apt-get install ${missing[*]}"
+    apt-get -o DPkg::Lock::Timeout=600 update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600 install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+make -C "$REPO" --no-print-directory ansible-tools
+export PATH="$ANSIBLE_VENV/bin:$PATH"
+end
+
+begin machines "three machines on a private network (the VM image, under systemd-nspawn)"
+ssh-keygen -q -t ed25519 -N '' -C "smally-cluster-$$" -f "$RUN/id_ed25519"
+"$REPO/rehearsal/machines.sh" up "$RUN/machines" "$RUN/id_ed25519" front=$EDGE api1=$API1 api2=$API2
+image=$("$REPO/rehearsal/vm-image.sh" | tail -n 1)
+for address in $EDGE $API1 $API2; do
+    echo "$address $(cut -d' ' -f1,2 "$image/ssh_host_ed25519_key.pub")"
+done >"$RUN/known_hosts"
+for address in $EDGE $API1 $API2; do
+    on $address 'echo "$(hostname): $(. /etc/os-release; echo "$PRETTY_NAME"), systemd $(systemctl is-system-running)"' >&2
+done
+end
+
+begin build "make build (release A)"
+if [ "${SMALLY_SKIP_BUILD:-}" == 1 ]; then
+    log "SMALLY_SKIP_BUILD=1: using dist/ as it is"
+else
+    make -C "$REPO" --no-print-directory build >"$RUN/build-a.log" 2>&1 || { tail -n 30 "$RUN/build-a.log" >&2; die "make build failed"; }
+fi
+release_a=$("$HOST_PY" -c 'import json,sys; print(json.load(open(sys.argv[1]))["release"])' "$REPO/dist/BUILD.json")
+end
+
+begin deploy "make deploy with the cluster inventory, twice (the second: changed=0)"
+mkdir -p "$STAGE" "$RUN/tls" "$RUN/inventory"
+(cd "$REPO" && git ls-files -z --cached --others --exclude-standard -- ansible nginx systemd scripts) |
+    while IFS= read -r -d '' file; do
+        [ -f "$REPO/$file" ] && install -D -m "$(stat -c %a "$REPO/$file")" "$REPO/$file" "$STAGE/$file"
+    done
+openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 2 \
+    -subj "/CN=smally.test" -addext "subjectAltName=DNS:smally.test,IP:$EDGE" \
+    -keyout "$RUN/tls/privkey.pem" -out "$RUN/tls/fullchain.pem" 2>/dev/null
+on $EDGE "sudo install -d -m 0755 /etc/ssl/smally && sudo tee /etc/ssl/smally/fullchain.pem >/dev/null" <"$RUN/tls/fullchain.pem"
+on $EDGE "sudo install -m 0600 /dev/stdin /etc/ssl/smally/privkey.pem" <"$RUN/tls/privkey.pem"
+openssl rand -hex 24 >"$RUN/vault_pass"
+printf -- '---\nvault_smally_db_password: "%s"\nvault_smally_redis_password: "%s"\n' \
+    "$(openssl rand -hex 24)" "$(openssl rand -hex 24)" >"$STAGE/ansible/group_vars/all/vault.yml"
+ansible-vault encrypt --vault-password-file "$RUN/vault_pass" "$STAGE/ansible/group_vars/all/vault.yml" >/dev/null
+stage_dist() { # the build in dist/, copied: the playbook uploads $STAGE/dist
+    mkdir -p "$STAGE/dist"
+    cp -a "$REPO/dist/api" "$REPO/dist/create_api_key" "$REPO/dist/models" "$REPO/dist/BUILD.json" "$STAGE/dist/"
+}
+stage_dist
+# ansible/inventory/cluster.example.yml, with these machines' addresses.
+# The machines have one address each: public and private are the same here.
+sed -e "s/203\.0\.113\.10/$EDGE/g; s/203\.0\.113\.11/$API1/g; s/203\.0\.113\.12/$API2/g" \
+    -e "s/10\.0\.0\.10/$EDGE/g; s/10\.0\.0\.11/$API1/g; s/10\.0\.0\.12/$API2/g" \
+    -e "s/api\.example\.com/smally.test/" -e '/^ *#/d' \
+    "$REPO/ansible/inventory/cluster.example.yml" >"$RUN/inventory/hosts.yml"
+# The rehearsal's own: its SSH key, its certificate, a free tier of $FREE_LIMIT, and nginx's
+# per-address limits opened up (all the load comes from one address here).
+cat >>"$RUN/inventory/hosts.yml" <<EOF
+        ansible_ssh_private_key_file: $RUN/id_ed25519
+        ansible_ssh_common_args: >-
+          -F /dev/null -o UserKnownHostsFile=$RUN/known_hosts -o StrictHostKeyChecking=yes
+        smally_tls_certificate: /etc/ssl/smally/fullchain.pem
+        smally_tls_certificate_key: /etc/ssl/smally/privkey.pem
+        smally_rate_limit: 2000r/s
+        smally_rate_burst: 2000
+        smally_conn_limit: 2000
+        smally_extra_env: {FREE_TIER_LIMIT: "$FREE_LIMIT"}
+EOF
+MAKE_CLUSTER=(make -C "$REPO" --no-print-directory INVENTORY="$RUN/inventory/hosts.yml")
+deploy() { # deploy LOG: make deploy; prints the recap lines, one per host
+    ANSIBLE_FORCE_COLOR=0 ANSIBLE_NOCOLOR=1 ANSIBLE_SSH_CONTROL_PATH_DIR="$RUN/cp" \
+        timeout 30m "${MAKE_CLUSTER[@]}" deploy DEPLOY_PLAYBOOK="$STAGE/ansible/site.yml" \
+        VAULT_PASSWORD_FILE="$RUN/vault_pass" >"$1" 2>&1 ||
+        { tail -n 60 "$1" >&2; die "the playbook failed (full log: $1)"; }
+    grep -E '^(front|api1|api2) +: ok=' "$1"
+}
+recaps=$(deploy "$RUN/deploy-1.log")
+log "first run:"$'\n'"$recaps"
+[ "$(grep -c 'failed=0' <<<"$recaps")" == 3 ] || die "first run: $recaps"
+recaps=$(deploy "$RUN/deploy-2.log")
+log "second run:"$'\n'"$recaps"
+if [ "$(grep -c ' changed=0 .*failed=0' <<<"$recaps")" != 3 ]; then
+    grep -E '^changed:' "$RUN/deploy-2.log" >&2 || true
+    die "the second run is not idempotent"
+fi
+end
+
+check() { "$HOST_PY" "$REPO/rehearsal/check_http.py" "$@" --https "https://$EDGE" --http "http://$EDGE" \
+    --ca "$RUN/tls/fullchain.pem"; }
+create_key() { # create_key EMAIL TIER: make create-key (on the first API host); prints the key
+    local key
+    key=$(timeout 180 "${MAKE_CLUSTER[@]}" create-key EMAIL="$1" TIER="$2" 2>"$RUN/create-key.err") ||
+        { cat "$RUN/create-key.err" >&2; die "make create-key $1 failed"; }
+    [[ "$key" =~ ^sk_[0-9a-f]{64}$ ]] || die "make create-key printed '$key', not a key alone"
+    echo "$key"
+}
+ledger() { # ledger EMAIL: the embeddings the usage table holds for EMAIL (on the data host)
+    on $EDGE "sudo -u postgres psql -d smally -Atc \"SELECT coalesce(sum(u.embeddings_count), 0) FROM usage u
+        JOIN users s ON s.id = u.user_id WHERE s.email = '$1'\""
+}
+served() { # served ADDRESS: the /v1/embed answers the API host at ADDRESS has given
+    on "$1" "curl -sS http://$1:8000/metrics" |
+        awk '/^smally_requests_total\{.*endpoint="\/v1\/embed"/ { n += $2 } END { printf "%d\n", n }'
+}
+wait_ledger() { # wait_ledger EMAIL N: the ledger is written every second; wait for N
+    local value
+    for _ in $(seq 30); do
+        value=$(ledger "$1")
+        [ "$value" == "$2" ] && break
+        sleep 1
+    done
+    echo "$value"
+}
+
+begin network "what each host admits: PostgreSQL and Redis only to the API hosts, :8000 only to the edge"
+check health
+reaches() { timeout 3 bash -c "echo >/dev/tcp/$1/$2" 2>/dev/null; } # from this host, the outsider
+for port in 5432 6379 6380; do
+    on $API1 "timeout 5 bash -c 'echo >/dev/tcp/$EDGE/$port'" || die "api1 cannot reach the data host's port $port"
+    reaches $EDGE $port && die "the data host's port $port admits an outsider"
+done
+on $EDGE "timeout 5 bash -c 'echo >/dev/tcp/$API1/8000'" || die "the edge cannot reach api1's :8000"
+reaches $API1 8000 && die "api1's :8000 admits an outsider"
+on $API2 "timeout 5 bash -c 'echo >/dev/tcp/$API1/8000'" 2>/dev/null && die "api2 reaches api1's :8000: only the edge may"
+reaches $API1 22 || die "api1's SSH is closed"
+on $API1 "redis-cli -h $EDGE ping" | grep -q NOAUTH || die "the data host's Redis answers without the password"
+on $API1 'sudo grep -h IPAddressAllow /etc/systemd/system/smally.service.d/cluster.conf' >"$RUN/ipallow.txt"
+grep -qx "IPAddressAllow=$EDGE $API1" "$RUN/ipallow.txt" || die "api1's unit admits: $(cat "$RUN/ipallow.txt")"
+on $EDGE "sudo grep -E '^host +smally' \$(sudo -u postgres psql -Atc 'SHOW hba_file')" >"$RUN/hba.txt"
+sed 's/^/    /' "$RUN/hba.txt" >&2
+log "PostgreSQL and Redis (5432, 6379, 6380) admit the API hosts only, :8000 the edge only; api1's unit: $(cat "$RUN/ipallow.txt")"
+end
+
+begin quota "300 concurrent requests of a free user (limit $FREE_LIMIT) through the edge"
+QUOTA_KEY=$(create_key quota@rehearsal.test free)
+before1=$(served $API1)
+before2=$(served $API2)
+check quota --key "$QUOTA_KEY" --count 300 --parallel 300 >"$RUN/quota.out" 2>&1 || { cat "$RUN/quota.out" >&2; die "quota check"; }
+read -r ok200 ok429 < <(sed -n 's/^ok *200s=\([0-9]*\) 429s=\([0-9]*\) other=0$/\1 \2/p' "$RUN/quota.out")
+hosts_serving=0
+[ "$(served $API1)" -gt "$before1" ] && hosts_serving=$((hosts_serving + 1))
+[ "$(served $API2)" -gt "$before2" ] && hosts_serving=$((hosts_serving + 1))
+quota_ledger=$(wait_ledger quota@rehearsal.test "$FREE_LIMIT")
+log "cluster quota: 200s=$ok200 429s=$ok429 hosts_serving=$hosts_serving ledger=$quota_ledger"
+[ "$ok200" == "$FREE_LIMIT" ] && [ "$ok429" == $((300 - FREE_LIMIT)) ] && [ "$hosts_serving" == 2 ] &&
+    [ "$quota_ledger" == "$FREE_LIMIT" ] || die "the quota is not exact across the API hosts"
+end
+
+# under_load NAME COMMAND...: COMMAND while check_http.py load POSTs /v1/embed through the edge
+# (4 clients, 20 requests/s), from 5 s before to 5 s after; sets LOAD, adds its 200s to LOAD_200S.
+LOAD_KEY=$(create_key load@rehearsal.test scale)
+LOAD_200S=0
+LOAD=""
+under_load() {
+    local name=$1 stop="$RUN/$1.load-stop" out="$RUN/$1.load" pid status=0
+    shift
+    LOAD_STOP=$stop
+    check load --key "$LOAD_KEY" --workers 4 --rate 20 --stop-file "$stop" >"$out" 2>&1 &
+    pid=$!
+    sleep 5
+    "$@" >"$RUN/$name.out" 2>&1 || status=$?
+    sleep 5
+    touch "$stop"
+    wait "$pid" || true
+    LOAD=$(tail -n 1 "$out" | sed 's/^\(ok\|FAIL\) *//')
+    [ "$status" == 0 ] || { tail -n 40 "$RUN/$name.out" >&2; die "$name: the command failed (exit $status)"; }
+    LOAD_200S=$((LOAD_200S + $(sed -n 's/^\([0-9]*\) requests, 0 failed.*/\1/p' <<<"$LOAD")))
+    grep -q '^ok ' "$out" || { cat "$out" >&2; die "$name under load: $LOAD"; }
+}
+
+begin host-down "api1 taken out (its socket and service stopped) and back, under steady load"
+host_down() {
+    on $API1 'sudo systemctl stop smally.socket smally'
+    sleep 10
+    on $API1 'sudo systemctl start smally.socket'
+    on $API1 "curl -sS --retry 30 --retry-delay 1 --retry-all-errors http://$API1:8000/health" >/dev/null
+    before=$(served $API1)
+    sleep 8 # nginx tries a failed server again after fail_timeout (5 s)
+    [ "$(served $API1)" -gt "$before" ] || { echo "api1 did not rejoin"; return 1; }
+}
+under_load host-down host_down
+log "cluster host down: $LOAD"
+end
+
+begin rolling "a new build (release B) deployed host by host under steady load"
+make -C "$REPO" --no-print-directory build >"$RUN/build-b.log" 2>&1 || { tail -n 30 "$RUN/build-b.log" >&2; die "make build (B) failed"; }
+release_b=$("$HOST_PY" -c 'import json,sys; print(json.load(open(sys.argv[1]))["release"])' "$REPO/dist/BUILD.json")
+[ "$release_b" != "$release_a" ] || die "the rebuild has the release name of the first build"
+stage_dist
+under_load rolling deploy "$RUN/deploy-3.log"
+grep -E '^(front|api1|api2) +: ok=' "$RUN/deploy-3.log" | grep -vq 'failed=0' && die "the rolling deploy failed"
+for address in $API1 $API2; do
+    on $address "curl -sS http://$address:8000/health" | grep -q "\"release\":\"$release_b\"" ||
+        die "$address does not serve $release_b after the rolling deploy"
+done
+drained=$(grep -A4 'TASK \[7. systemd | Take this host out of the edge' "$RUN/deploy-3.log" | grep -Ec '^changed: \[api[12] ')
+[ "$drained" == 2 ] || die "the rolling deploy drained $drained API hosts from the edge, not 2"
+log "cluster rolling deploy: $LOAD"
+log "both API hosts serve $release_b (was $release_a), each drained from the edge while it restarted"
+end
+
+begin ledger "the usage ledger equals the 200s the edge answered"
+load_ledger=$(wait_ledger load@rehearsal.test "$LOAD_200S")
+log "usage ledger: $load_ledger embeddings for the load's $LOAD_200S 200s; $quota_ledger for the quota's $ok200"
+[ "$load_ledger" == "$LOAD_200S" ] || die "the ledger holds $load_ledger, the load got $LOAD_200S 200s"
+end
