@@ -228,17 +228,19 @@ check health
 reaches() { timeout 3 bash -c "echo >/dev/tcp/$1/$2" 2>/dev/null; } # from this host, the outsider
 for port in 5432 6379 6380; do
     on $API1 "timeout 5 bash -c 'echo >/dev/tcp/$EDGE/$port'" || die "api1 cannot reach the data host's port $port"
-    reaches $EDGE $port && die "the data host's port $port admits an outsider"
+    if reaches $EDGE $port; then die "the data host's port $port admits an outsider"; fi
 done
 on $EDGE "timeout 5 bash -c 'echo >/dev/tcp/$API1/8000'" || die "the edge cannot reach api1's :8000"
-reaches $API1 8000 && die "api1's :8000 admits an outsider"
-on $API2 "timeout 5 bash -c 'echo >/dev/tcp/$API1/8000'" 2>/dev/null && die "api2 reaches api1's :8000: only the edge may"
+if reaches $API1 8000; then die "api1's :8000 admits an outsider"; fi
+if on $API2 "timeout 5 bash -c 'echo >/dev/tcp/$API1/8000'" 2>/dev/null; then die "api2 reaches api1's :8000: only the edge may"; fi
 reaches $API1 22 || die "api1's SSH is closed"
 on $API1 "redis-cli -h $EDGE ping" | grep -q NOAUTH || die "the data host's Redis answers without the password"
 on $API1 'sudo grep -h IPAddressAllow /etc/systemd/system/smally.service.d/cluster.conf' >"$RUN/ipallow.txt"
 grep -qx "IPAddressAllow=$EDGE $API1" "$RUN/ipallow.txt" || die "api1's unit admits: $(cat "$RUN/ipallow.txt")"
-on $EDGE "sudo grep -E '^host +smally' \$(sudo -u postgres psql -Atc 'SHOW hba_file')" >"$RUN/hba.txt"
+on $EDGE "sudo grep -E '^host[[:space:]]+smally' \$(sudo -u postgres psql -Atc 'SHOW hba_file')" >"$RUN/hba.txt"
 sed 's/^/    /' "$RUN/hba.txt" >&2
+[ "$(grep -c "scram-sha-256" "$RUN/hba.txt")" == 2 ] && grep -q "$API1/32" "$RUN/hba.txt" && grep -q "$API2/32" "$RUN/hba.txt" ||
+    die "pg_hba.conf does not admit exactly the two API hosts"
 log "PostgreSQL and Redis (5432, 6379, 6380) admit the API hosts only, :8000 the edge only; api1's unit: $(cat "$RUN/ipallow.txt")"
 end
 
@@ -299,7 +301,7 @@ release_b=$("$HOST_PY" -c 'import json,sys; print(json.load(open(sys.argv[1]))["
 [ "$release_b" != "$release_a" ] || die "the rebuild has the release name of the first build"
 stage_dist
 under_load rolling deploy "$RUN/deploy-3.log"
-grep -E '^(front|api1|api2) +: ok=' "$RUN/deploy-3.log" | grep -vq 'failed=0' && die "the rolling deploy failed"
+if grep -E '^(front|api1|api2) +: ok=' "$RUN/deploy-3.log" | grep -vq 'failed=0'; then die "the rolling deploy failed"; fi
 for address in $API1 $API2; do
     on $address "curl -sS http://$address:8000/health" | grep -q "\"release\":\"$release_b\"" ||
         die "$address does not serve $release_b after the rolling deploy"
