@@ -10,9 +10,11 @@
 #
 # Stages: tools, machines, build, deploy (twice: the second changed=0), network (what each host
 # admits), quota (300 concurrent requests of a free user with limit 100 through the edge: exactly
-# 100 200s and 200 429s, served by both API hosts, the ledger 100), host-down (api1's socket and
-# service stopped and started under steady load), rolling (a new build deployed under steady
-# load), ledger (the usage rows equal the 200s), down. Prints the three `cluster ...:` lines.
+# 100 200s and 200 429s, served by both API hosts, the ledger 100), rolling (a new build deployed
+# host by host under steady load), ledger (the usage rows equal the 200s), host-down (api1's
+# socket and service stopped and started under steady load: today 3 of ~600 requests fail, the
+# connections queued in the socket when it closes; see the scale-out issue). Prints the three
+# `cluster ...:` lines.
 #
 # Environment: SMALLY_CLUSTER_DIR (the run's files, default ~/.cache/smally/rehearsal-cluster),
 # SMALLY_SKIP_BUILD=1 (deploy dist/ as it is first), SMALLY_REHEARSAL_KEEP=1 (leave the machines
@@ -277,23 +279,12 @@ under_load() {
     wait "$pid" || true
     LOAD=$(tail -n 1 "$out" | sed 's/^\(ok\|FAIL\) *//')
     [ "$status" == 0 ] || { tail -n 40 "$RUN/$name.out" >&2; die "$name: the command failed (exit $status)"; }
-    LOAD_200S=$((LOAD_200S + $(sed -n 's/^\([0-9]*\) requests, 0 failed.*/\1/p' <<<"$LOAD")))
+    # Every answer but a 200 counts as failed: the 200s are the requests less the failures.
+    local requests failed
+    read -r requests failed < <(sed -n 's/^\([0-9]*\) requests, \([0-9]*\) failed.*/\1 \2/p' <<<"$LOAD")
+    LOAD_200S=$((LOAD_200S + requests - failed))
     grep -q '^ok ' "$out" || { cat "$out" >&2; die "$name under load: $LOAD"; }
 }
-
-begin host-down "api1 taken out (its socket and service stopped) and back, under steady load"
-host_down() {
-    on $API1 'sudo systemctl stop smally.socket smally'
-    sleep 10
-    on $API1 'sudo systemctl start smally.socket'
-    on $API1 "curl -sS --retry 30 --retry-delay 1 --retry-all-errors http://$API1:8000/health" >/dev/null
-    before=$(served $API1)
-    sleep 8 # nginx tries a failed server again after fail_timeout (5 s)
-    [ "$(served $API1)" -gt "$before" ] || { echo "api1 did not rejoin"; return 1; }
-}
-under_load host-down host_down
-log "cluster host down: $LOAD"
-end
 
 begin rolling "a new build (release B) deployed host by host under steady load"
 make -C "$REPO" --no-print-directory build >"$RUN/build-b.log" 2>&1 || { tail -n 30 "$RUN/build-b.log" >&2; die "make build (B) failed"; }
@@ -316,4 +307,18 @@ begin ledger "the usage ledger equals the 200s the edge answered"
 load_ledger=$(wait_ledger load@rehearsal.test "$LOAD_200S")
 log "usage ledger: $load_ledger embeddings for the load's $LOAD_200S 200s; $quota_ledger for the quota's $ok200"
 [ "$load_ledger" == "$LOAD_200S" ] || die "the ledger holds $load_ledger, the load got $LOAD_200S 200s"
+end
+
+begin host-down "api1 taken out (its socket and service stopped) and back, under steady load"
+host_down() {
+    on $API1 'sudo systemctl stop smally.socket smally'
+    sleep 10
+    on $API1 'sudo systemctl start smally.socket'
+    on $API1 "curl -sS --retry 30 --retry-delay 1 --retry-all-errors http://$API1:8000/health" >/dev/null
+    before=$(served $API1)
+    sleep 8 # nginx tries a failed server again after fail_timeout (5 s)
+    [ "$(served $API1)" -gt "$before" ] || { echo "api1 did not rejoin"; return 1; }
+}
+under_load host-down host_down
+log "cluster host down: $LOAD"
 end
