@@ -33,37 +33,10 @@ API1=10.77.0.11
 API2=10.77.0.12
 FREE_LIMIT=100
 
-log() { printf '%s rehearse-cluster: %s\n' "$(date -u +%H:%M:%S)" "$*" >&2; }
-die() {
-    log "FAILED: $*"
-    exit 1
-}
+LOG_NAME=rehearse-cluster
+# shellcheck source=stages.sh
+. "$REPO/rehearsal/stages.sh"
 
-STAGE_NAMES=() STAGE_TIMES=() CURRENT="" CURRENT_START=0 STARTED=$SECONDS
-begin() {
-    CURRENT=$1
-    CURRENT_START=$SECONDS
-    log "=== $1: $2"
-}
-end() {
-    STAGE_NAMES+=("$CURRENT")
-    STAGE_TIMES+=("$((SECONDS - CURRENT_START))")
-    log "=== $CURRENT done in $((SECONDS - CURRENT_START)) s"
-    CURRENT=""
-}
-print_times() {
-    local i
-    {
-        echo
-        echo "cluster rehearsal stage times (seconds):"
-        for i in "${!STAGE_NAMES[@]}"; do
-            printf '  %-10s %5d\n' "${STAGE_NAMES[$i]}" "${STAGE_TIMES[$i]}"
-        done
-        [ -z "$CURRENT" ] || printf '  %-10s %5d  <- FAILED here\n' "$CURRENT" "$((SECONDS - CURRENT_START))"
-        printf '  %-10s %5d\n' total "$((SECONDS - STARTED))"
-        echo "result: $1 (logs in $RUN)"
-    } | tee -a "$RUN/times.txt" >&2
-}
 
 on() { # on HOST COMMAND: run COMMAND (a shell string) on HOST as admin
     local host=$1

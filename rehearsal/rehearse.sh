@@ -48,38 +48,9 @@ export ANSIBLE_CONFIG="$REPO/ansible/ansible.cfg"
 EXPOSURE_MAX=2.5
 STAGE="$RUN/stage"   # the repository's deployment files as a clean clone has them
 
-log() { printf '%s rehearse: %s\n' "$(date -u +%H:%M:%S)" "$*" >&2; }
-die() {
-    log "FAILED: $*"
-    exit 1
-}
-
-# --- stage timing ---------------------------------------------------------------------------
-STAGE_NAMES=() STAGE_TIMES=() CURRENT="" CURRENT_START=0 STARTED=$SECONDS
-begin() {
-    CURRENT=$1
-    CURRENT_START=$SECONDS
-    log "=== $1: $2"
-}
-end() {
-    STAGE_NAMES+=("$CURRENT")
-    STAGE_TIMES+=("$((SECONDS - CURRENT_START))")
-    log "=== $CURRENT done in $((SECONDS - CURRENT_START)) s"
-    CURRENT=""
-}
-print_times() {
-    local i status=$1
-    {
-        echo
-        echo "rehearsal stage times (seconds):"
-        for i in "${!STAGE_NAMES[@]}"; do
-            printf '  %-10s %5d\n' "${STAGE_NAMES[$i]}" "${STAGE_TIMES[$i]}"
-        done
-        [ -z "$CURRENT" ] || printf '  %-10s %5d  <- FAILED here\n' "$CURRENT" "$((SECONDS - CURRENT_START))"
-        printf '  %-10s %5d\n' total "$((SECONDS - STARTED))"
-        echo "result: $status (logs in $RUN)"
-    } | tee -a "$RUN/times.txt" >&2
-}
+LOG_NAME=rehearse
+# shellcheck source=stages.sh
+. "$REPO/rehearsal/stages.sh"
 
 # --- the VM ---------------------------------------------------------------------------------
 QEMU_PID=""
