@@ -46,7 +46,6 @@ on() { # on HOST COMMAND: run COMMAND (a shell string) on HOST as admin
         -i "$RUN/id_ed25519" "admin@$host" -- "$@"
 }
 
-LOAD_STOP=""
 cleanup() {
     local status=$?
     trap - EXIT INT TERM
@@ -74,20 +73,8 @@ trap cleanup EXIT
 trap 'exit 130' INT TERM
 
 begin tools "systemd-nspawn, nft, qemu-img; ansible"
-missing=()
-command -v systemd-nspawn >/dev/null || missing+=(systemd-container)
-command -v nft >/dev/null || missing+=(nftables)
-command -v qemu-img >/dev/null || missing+=(qemu-utils)
-command -v debootstrap >/dev/null || missing+=(debootstrap)
-command -v mkfs.ext4 >/dev/null || missing+=(e2fsprogs)
-command -v ssh >/dev/null || missing+=(openssh-client)
-command -v openssl >/dev/null || missing+=(openssl)
-command -v curl >/dev/null || missing+=(curl)
-if [ ${#missing[@]} -gt 0 ]; then
-    log "apt-get install ${missing[*]}"
-    apt-get -o DPkg::Lock::Timeout=600 update -qq
-    DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600 install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
-fi
+install_tools systemd-nspawn:systemd-container nft:nftables qemu-img:qemu-utils debootstrap:debootstrap \
+    mkfs.ext4:e2fsprogs ssh:openssh-client openssl:openssl curl:curl
 make -C "$REPO" --no-print-directory ansible-tools
 export PATH="$ANSIBLE_VENV/bin:$PATH"
 end
@@ -234,30 +221,9 @@ log "cluster quota: 200s=$ok200 429s=$ok429 hosts_serving=$hosts_serving ledger=
     [ "$quota_ledger" == "$FREE_LIMIT" ] || die "the quota is not exact across the API hosts"
 end
 
-# under_load NAME COMMAND...: COMMAND while check_http.py load POSTs /v1/embed through the edge
-# (4 clients, 20 requests/s), from 5 s before to 5 s after; sets LOAD, adds its 200s to LOAD_200S.
+# The load (stages.sh under_load) as its own user, 20 requests/s: its 200s must be in the ledger.
 LOAD_KEY=$(create_key load@rehearsal.test scale)
-LOAD_200S=0
-LOAD=""
-under_load() {
-    local name=$1 stop="$RUN/$1.load-stop" out="$RUN/$1.load" pid status=0
-    shift
-    LOAD_STOP=$stop
-    check load --key "$LOAD_KEY" --workers 4 --rate 20 --stop-file "$stop" >"$out" 2>&1 &
-    pid=$!
-    sleep 5
-    "$@" >"$RUN/$name.out" 2>&1 || status=$?
-    sleep 5
-    touch "$stop"
-    wait "$pid" || true
-    LOAD=$(tail -n 1 "$out" | sed 's/^\(ok\|FAIL\) *//')
-    [ "$status" == 0 ] || { tail -n 40 "$RUN/$name.out" >&2; die "$name: the command failed (exit $status)"; }
-    # Every answer but a 200 counts as failed: the 200s are the requests less the failures.
-    local requests failed
-    read -r requests failed < <(sed -n 's/^\([0-9]*\) requests, \([0-9]*\) failed.*/\1 \2/p' <<<"$LOAD")
-    LOAD_200S=$((LOAD_200S + requests - failed))
-    grep -q '^ok ' "$out" || { cat "$out" >&2; die "$name under load: $LOAD"; }
-}
+LOAD_RATE=20
 
 begin rolling "a new build (release B) deployed host by host under steady load"
 make -C "$REPO" --no-print-directory build >"$RUN/build-b.log" 2>&1 || { tail -n 30 "$RUN/build-b.log" >&2; die "make build (B) failed"; }

@@ -82,7 +82,6 @@ vm_stop() {
     fi
     QEMU_PID=""
 }
-LOAD_STOP=""
 cleanup() {
     local status=$?
     trap - EXIT INT TERM
@@ -122,21 +121,8 @@ trap 'exit 130' INT TERM
 
 # --- tools ----------------------------------------------------------------------------------
 begin tools "qemu, debootstrap, ansible and ansible-lint"
-missing=()
-command -v qemu-system-x86_64 >/dev/null || missing+=(qemu-system-x86)
-command -v qemu-img >/dev/null || missing+=(qemu-utils)
-command -v debootstrap >/dev/null || missing+=(debootstrap)
-command -v mkfs.ext4 >/dev/null || missing+=(e2fsprogs)
-command -v ssh >/dev/null || missing+=(openssh-client)
-command -v openssl >/dev/null || missing+=(openssl)
-command -v curl >/dev/null || missing+=(curl)
-command -v flock >/dev/null || missing+=(util-linux)
-if [ ${#missing[@]} -gt 0 ]; then
-    command -v apt-get >/dev/null || die "please install ${missing[*]}"
-    log "apt-get install ${missing[*]}"
-    apt-get -o DPkg::Lock::Timeout=600 update -qq
-    DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600 install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
-fi
+install_tools qemu-system-x86_64:qemu-system-x86 qemu-img:qemu-utils debootstrap:debootstrap mkfs.ext4:e2fsprogs \
+    ssh:openssh-client openssl:openssl curl:curl flock:util-linux
 make -C "$REPO" --no-print-directory ansible-tools
 export PATH="$ANSIBLE_VENV/bin:$PATH"
 "$ANSIBLE_VENV/bin/ansible" --version | sed -n 1p >&2
@@ -278,34 +264,10 @@ create_key() { # create_key EMAIL TIER: make create-key over ssh; prints the key
     echo "$key"
 }
 
-# under_load NAME COMMAND...: run COMMAND (its output in $RUN/NAME.out) while check_http.py load
-# POSTs /v1/embed through nginx (4 clients, 8 requests/s: under limit_req), from 5 s before to 5 s
-# after; sets LOAD (the load's summary line) and fails the rehearsal if COMMAND or a request fails.
-LOAD=""
-under_load() {
-    local name=$1 stop="$RUN/$1.load-stop" out="$RUN/$1.load" pid status=0
-    shift
-    rm -f "$stop"
-    LOAD_STOP=$stop
-    check load --key "$LOAD_KEY" --workers 4 --rate 8 --stop-file "$stop" >"$out" 2>&1 &
-    pid=$!
-    sleep 5
-    "$@" >"$RUN/$name.out" 2>&1 || status=$?
-    sleep 5
-    touch "$stop"
-    wait "$pid" || true
-    LOAD=$(tail -n 1 "$out" | sed 's/^\(ok\|FAIL\) *//')
-    if [ "$status" != 0 ]; then
-        tail -n 40 "$RUN/$name.out" >&2
-        die "$name: the command failed (exit $status; $RUN/$name.out); load: $LOAD"
-    fi
-    grep -q '^ok ' "$out" || { cat "$out" >&2; die "$name under load: $LOAD"; }
-    LOAD_200S=$((LOAD_200S + $(sed -n 's/^\([0-9]*\) requests, 0 failed.*/\1/p' <<<"$LOAD")))
-}
 # The load's own user: the ledger must end up with exactly the embeddings its 200s got.
 LOAD_EMAIL=load@rehearsal.test
 LOAD_KEY=""
-LOAD_200S=0
+LOAD_RATE=8 # under limit_req
 load_ledger() {
     vm_ssh "sudo -u postgres psql -d smally -Atc \"SELECT coalesce(sum(u.embeddings_count), 0) FROM usage u
         JOIN users s ON s.id = u.user_id WHERE s.email = '$LOAD_EMAIL'\""
