@@ -186,11 +186,14 @@ EMAIL ?=
 TIER ?=
 LOG_LINES ?= 100
 RELEASE ?=
-.PHONY: help-deploy ansible-tools lint-deploy check-dist deploy restart releases rollback logs create-key api backup health rehearse rehearse-cluster
+HOST ?=
+.PHONY: help-deploy ansible-tools lint-deploy check-dist deploy host-down host-up restart releases rollback logs create-key api backup health rehearse rehearse-cluster
 
 help-deploy:
 	@echo "make deploy       ansible/site.yml against INVENTORY=$(INVENTORY) (build first: make build)"
 	@echo "                  refuses a dist/ not built from the working tree (ALLOW_STALE_DIST=1: deploy it anyway)"
+	@echo "make host-down HOST=api1   a cluster's API host out: the edge drains it, then it stops"
+	@echo "make host-up HOST=api1     started, healthy, then back in the edge"
 	@echo "make restart      restart smally on the server and wait until health-check.sh passes"
 	@echo "make releases     the releases on the server; * marks the serving one"
 	@echo "make rollback     serve the previous release again (RELEASE=<name>: that one), no request dropped"
@@ -222,6 +225,12 @@ check-dist:
 
 deploy: check-dist ansible-tools
 	$(ANSIBLE_ENV) ansible-playbook -i $(INVENTORY) $(VAULT_ARGS) $(DEPLOY_PLAYBOOK) $(DEPLOY_ARGS)
+
+# A cluster's API host out of service and back (ansible/host.yml, beside DEPLOY_PLAYBOOK).
+host-down host-up: ansible-tools
+	@test -n "$(HOST)" || { echo "usage: make $@ HOST=api1 (an API host of the inventory)" >&2; exit 2; }
+	$(ANSIBLE_ENV) ansible-playbook -i $(INVENTORY) $(VAULT_ARGS) $(dir $(DEPLOY_PLAYBOOK))host.yml \
+		-e smally_host=$(HOST) -e smally_host_state=$(@:host-%=%)
 
 restart:
 	$(ON_SERVER) $(INVENTORY) -- sudo systemctl restart smally

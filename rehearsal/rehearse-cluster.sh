@@ -11,10 +11,10 @@
 # Stages: tools, machines, build, deploy (twice: the second changed=0), network (what each host
 # admits), quota (300 concurrent requests of a free user with limit 100 through the edge: exactly
 # 100 200s and 200 429s, served by both API hosts, the ledger 100), rolling (a new build deployed
-# host by host under steady load), ledger (the usage rows equal the 200s), host-down (api1's
-# socket and service stopped and started under steady load: today 3 of ~600 requests fail, the
-# connections queued in the socket when it closes; see the scale-out issue). Prints the three
-# `cluster ...:` lines.
+# host by host under steady load), host-down (`make host-down HOST=api1` under steady load: the
+# edge drains it, then its socket and service stop; then `make host-up HOST=api1`: it starts,
+# passes /health and serves again), ledger (the usage rows equal the load's 200s). Prints the
+# three `cluster ...:` lines.
 #
 # Environment: SMALLY_CLUSTER_DIR (the run's files, default ~/.cache/smally/rehearsal-cluster),
 # SMALLY_SKIP_BUILD=1 (deploy dist/ as it is first), SMALLY_REHEARSAL_KEEP=1 (leave the machines
@@ -236,28 +236,43 @@ for address in $API1 $API2; do
     on $address "curl -sS http://$address:8000/health" | grep -q "\"release\":\"$release_b\"" ||
         die "$address does not serve $release_b after the rolling deploy"
 done
-drained=$(grep -A4 'TASK \[7. systemd | Take this host out of the edge' "$RUN/deploy-3.log" | grep -Ec '^changed: \[api[12] ')
+drained=$(grep -A4 -E 'TASK \[Edge \| Render the site, the API hosts out: api[12]' "$RUN/deploy-3.log" | grep -Ec '^changed: \[api[12] ')
 [ "$drained" == 2 ] || die "the rolling deploy drained $drained API hosts from the edge, not 2"
 log "cluster rolling deploy: $LOAD"
 log "both API hosts serve $release_b (was $release_a), each drained from the edge while it restarted"
+end
+
+begin host-down "api1 taken out (make host-down: drained at the edge, then stopped) and back (make host-up), under steady load"
+HOST_LOG="$RUN/host.log"
+host_make() { # host_make down|up HOST
+    ANSIBLE_FORCE_COLOR=0 ANSIBLE_NOCOLOR=1 ANSIBLE_SSH_CONTROL_PATH_DIR="$RUN/cp" \
+        timeout 10m "${MAKE_CLUSTER[@]}" "host-$1" HOST="$2" DEPLOY_PLAYBOOK="$STAGE/ansible/site.yml" \
+        VAULT_PASSWORD_FILE="$RUN/vault_pass" >>"$HOST_LOG" 2>&1 ||
+        { tail -n 40 "$HOST_LOG" >&2; echo "make host-$1 HOST=$2 failed"; return 1; }
+}
+host_down() {
+    host_make down api1 || return 1
+    if on $EDGE "timeout 3 bash -c 'echo >/dev/tcp/$API1/8000'" 2>/dev/null; then
+        echo "api1's :8000 still accepts connections after make host-down"
+        return 1
+    fi
+    local out2
+    out2=$(served $API2)
+    sleep 8
+    [ "$(served $API2)" -gt "$out2" ] || { echo "api2 served nothing while api1 was out"; return 1; }
+    host_make up api1 || return 1
+    local back
+    back=$(served $API1)
+    sleep 3
+    [ "$(served $API1)" -gt "$back" ] || { echo "api1 did not rejoin after make host-up"; return 1; }
+}
+under_load host-down host_down
+log "cluster host down: $LOAD"
+grep -E '^(changed|ok): \[api1' "$HOST_LOG" | grep -E 'front|smally\.socket|=> \(item=smally\)' | sed 's/^/    /' >&2 || true
 end
 
 begin ledger "the usage ledger equals the 200s the edge answered"
 load_ledger=$(wait_ledger load@rehearsal.test "$LOAD_200S")
 log "usage ledger: $load_ledger embeddings for the load's $LOAD_200S 200s; $quota_ledger for the quota's $ok200"
 [ "$load_ledger" == "$LOAD_200S" ] || die "the ledger holds $load_ledger, the load got $LOAD_200S 200s"
-end
-
-begin host-down "api1 taken out (its socket and service stopped) and back, under steady load"
-host_down() {
-    on $API1 'sudo systemctl stop smally.socket smally'
-    sleep 10
-    on $API1 'sudo systemctl start smally.socket'
-    on $API1 "curl -sS --retry 30 --retry-delay 1 --retry-all-errors http://$API1:8000/health" >/dev/null
-    before=$(served $API1)
-    sleep 8 # nginx tries a failed server again after fail_timeout (5 s)
-    [ "$(served $API1)" -gt "$before" ] || { echo "api1 did not rejoin"; return 1; }
-}
-under_load host-down host_down
-log "cluster host down: $LOAD"
 end
