@@ -13,8 +13,9 @@
 # 100 200s and 200 429s, served by both API hosts, the ledger 100), rolling (a new build deployed
 # host by host under steady load), host-down (`make host-down HOST=api1` under steady load: the
 # edge drains it, then its socket and service stop; then `make host-up HOST=api1`: it starts,
-# passes /health and serves again), ledger (the usage rows equal the load's 200s). Prints the
-# three `cluster ...:` lines.
+# passes /health and serves again), ledger (the usage rows equal the load's 200s), backup (`make
+# backup`: the shared database dumped on the first API host). Prints the three `cluster ...:`
+# lines.
 #
 # Environment: SMALLY_CLUSTER_DIR (the run's files, default ~/.cache/smally/rehearsal-cluster),
 # SMALLY_SKIP_BUILD=1 (deploy dist/ as it is first), SMALLY_REHEARSAL_KEEP=1 (leave the machines
@@ -203,7 +204,12 @@ on $EDGE "sudo grep -E '^host[[:space:]]+smally' \$(sudo -u postgres psql -Atc '
 sed 's/^/    /' "$RUN/hba.txt" >&2
 [ "$(grep -c "scram-sha-256" "$RUN/hba.txt")" == 2 ] && grep -q "$API1/32" "$RUN/hba.txt" && grep -q "$API2/32" "$RUN/hba.txt" ||
     die "pg_hba.conf does not admit exactly the two API hosts"
-log "PostgreSQL and Redis (5432, 6379, 6380) admit the API hosts only, :8000 the edge only; api1's unit: $(cat "$RUN/ipallow.txt")"
+# Prometheus on the edge scrapes each API host's /metrics on its private address (README).
+for address in $API1 $API2; do
+    on $EDGE "curl -sSf http://$address:8000/metrics" | grep -q '^smally_requests_total' ||
+        die "the edge cannot scrape $address:8000/metrics"
+done
+log "PostgreSQL and Redis (5432, 6379, 6380) admit the API hosts only, :8000 the edge only (it scrapes both API hosts' /metrics); api1's unit: $(cat "$RUN/ipallow.txt")"
 end
 
 begin quota "300 concurrent requests of a free user (limit $FREE_LIMIT) through the edge"
@@ -275,4 +281,11 @@ begin ledger "the usage ledger equals the 200s the edge answered"
 load_ledger=$(wait_ledger load@rehearsal.test "$LOAD_200S")
 log "usage ledger: $load_ledger embeddings for the load's $LOAD_200S 200s; $quota_ledger for the quota's $ok200"
 [ "$load_ledger" == "$LOAD_200S" ] || die "the ledger holds $load_ledger, the load got $LOAD_200S 200s"
+end
+
+begin backup "make backup: the shared database, dumped on the first API host"
+backup=$(timeout 300 "${MAKE_CLUSTER[@]}" backup 2>"$RUN/backup.err" | tail -n 1) || { cat "$RUN/backup.err" >&2; die "make backup failed"; }
+[[ "$backup" == /home/smally/backups/smally-*.sql.gz ]] || die "make backup printed '$backup'"
+on $API1 "sudo zcat '$backup'" | grep -q 'load@rehearsal.test' || die "$backup does not hold the load's user"
+log "make backup (smally-backup.service on api1, pg_dump from the data host): $backup"
 end
