@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import socket
 import stat
 import subprocess
@@ -146,3 +147,14 @@ def read_answer(client: socket.socket) -> bytes:
         while chunk := client.recv(65536):
             chunks.append(chunk)
     return b"".join(chunks)
+
+
+def nginx_upstream_idle_seconds() -> float:
+    """nginx/smally.conf's upstream keepalive_timeout: how long nginx keeps an idle connection
+    to the service before it drops it."""
+    conf = (Path(__file__).resolve().parents[1] / "nginx/smally.conf").read_text()
+    upstream = re.search(r"upstream smally_api \{(.*?)\n\}", conf, re.S)
+    assert upstream, "nginx/smally.conf has no upstream smally_api"
+    idle = re.search(r"^\s*keepalive_timeout (\d+)s;", upstream.group(1), re.M)
+    assert idle, "the upstream sets no keepalive_timeout in seconds"
+    return float(idle.group(1))

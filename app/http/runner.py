@@ -16,7 +16,7 @@ from collections.abc import Callable, Mapping
 from hypercorn.config import Config
 
 from app.config import Settings
-from app.http.workers import serve
+from app.http.workers import IDLE_SECONDS, serve
 from app.model.engine import ModelError, ModelManifest
 
 log = logging.getLogger(__name__)
@@ -74,7 +74,7 @@ def hypercorn_config(settings: Settings, *, listen_fd: int | None = None) -> Con
     config.include_server_header = False
     # Also the time a new connection has to send its request's headers: a client trickling
     # them a byte at a time is dropped after this many seconds.
-    config.keep_alive_timeout = 5
+    config.keep_alive_timeout = IDLE_SECONDS
     # Bodies: the app answers 408 once READ_TIMEOUT has passed without the whole body (a
     # client sending a byte a second never trips a per-read timeout). Hypercorn's own per-read
     # timeout is only a backstop behind it, so that the client gets the 408, not a bare close.

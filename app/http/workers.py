@@ -1,4 +1,4 @@
-"""Hypercorn's serving loop with a shutdown that never closes a connection unanswered.
+"""Hypercorn's serving loop with a shutdown that never closes a connection a client may still use.
 
 Hypercorn's own shutdown marks the server terminated first and stops accepting after: a
 connection accepted in between, or accepted just before with its request still unread, is idle,
@@ -9,10 +9,10 @@ send a request on it at the instant hypercorn closes it, and a POST it had sent 
 
 So on SIGTERM each worker here first stops accepting and marks every answer from then on
 `Connection: close` (a proxy drops such a connection after its answer, never reusing it); then
-it waits DRAIN_SECONDS, longer than a client that drops idle connections after a second keeps one,
-so that every connection left idle has been closed by the client itself, and every connection
-accepted before has delivered its request; only then does hypercorn shut down
-(in-flight requests finish, nothing idle is left to close).
+it waits until the clients have closed every connection it holds (each after its answer, or
+nginx dropping an idle one after its upstream `keepalive_timeout`), at most IDLE_SECONDS, the
+idle time after which a connection is closed anyway; only then does hypercorn shut down
+(in-flight requests finish, nothing a client may still use is left to close).
 
 Workers run in this process (`workers == 0`) or as that many spawned processes, which share the
 listening sockets and stop when this process is signalled.
@@ -24,6 +24,7 @@ import asyncio
 import contextlib
 import logging
 import signal
+from collections.abc import Callable
 from multiprocessing import get_context
 from multiprocessing.connection import wait
 from multiprocessing.synchronize import Event
@@ -37,11 +38,11 @@ from hypercorn.utils import load_application
 
 log = logging.getLogger(__name__)
 
-# Longer than a keep-alive client that drops idle connections after a second keeps one, and
-# than a connection accepted before the worker stopped accepting takes to deliver its request
-# (a proxy writes it at once). nginx/smally.conf keeps no idle connection at all: on a loaded
-# machine nginx's own idle timer can run late.
-DRAIN_SECONDS = 1.5
+# A connection idle this long is closed (hypercorn's keep_alive_timeout, also the time a new
+# connection has to send its request's headers), and a stopping worker waits at most this long
+# for its clients to close theirs. A proxy keeping connections alive must drop idle ones well
+# before: nginx/smally.conf's upstream keepalive_timeout is 2 s (a test holds them apart).
+IDLE_SECONDS = 5.0
 _STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
@@ -85,14 +86,34 @@ def _serve_in_processes(config: Config, sockets: Sockets) -> int:
 
 class _ServerRecordingLoop(asyncio.SelectorEventLoop):
     """The default event loop, remembering the servers hypercorn listens with (it keeps them to
-    itself), so that a worker can close them before hypercorn's shutdown begins."""
+    itself), so that a worker can close them before hypercorn's shutdown begins, and counting
+    the connections they hold open."""
 
     def __init__(self) -> None:
         super().__init__()
         self.servers: list[asyncio.Server] = []
+        self.open_connections = 0
 
-    async def create_server(self, *args: Any, **kwargs: Any) -> asyncio.Server:
-        server = await super().create_server(*args, **kwargs)
+    async def create_server(
+        self, protocol_factory: Callable[[], asyncio.BaseProtocol], *args: Any, **kwargs: Any
+    ) -> asyncio.Server:
+        def counted() -> asyncio.BaseProtocol:
+            protocol = protocol_factory()
+            made, lost = protocol.connection_made, protocol.connection_lost
+
+            def connection_made(transport: asyncio.BaseTransport) -> None:
+                self.open_connections += 1
+                made(transport)
+
+            def connection_lost(exc: Exception | None) -> None:
+                self.open_connections -= 1
+                lost(exc)
+
+            protocol.connection_made = connection_made  # type: ignore[method-assign]
+            protocol.connection_lost = connection_lost  # type: ignore[method-assign]
+            return protocol
+
+        server = await super().create_server(counted, *args, **kwargs)
         self.servers.append(server)
         return server
 
@@ -145,7 +166,12 @@ def _worker(config: Config, sockets: Sockets, stopping: Event | None = None) -> 
             # keeps queueing connections on it.
             for server in loop.servers:
                 server.close()
-            await asyncio.sleep(DRAIN_SECONDS)
+            # Each open connection ends with the client: after its answer (`Connection: close`),
+            # or idle, when the client drops it; the ones still open at IDLE_SECONDS, hypercorn
+            # closes (what its idle timer would have done anyway).
+            deadline = loop.time() + IDLE_SECONDS
+            while loop.open_connections > 0 and loop.time() < deadline:
+                await asyncio.sleep(0.05)
 
         await worker_serve(app, config, sockets=sockets, shutdown_trigger=shutdown_trigger)
 

@@ -17,12 +17,19 @@ import pytest
 
 from dev.launcher import VENV_BIN
 from tests.conftest import Servers
-from tests.helpers import ApiProcess, base_env, queued_request, read_answer, socket_activated
+from tests.helpers import (
+    ApiProcess,
+    base_env,
+    nginx_upstream_idle_seconds,
+    queued_request,
+    read_answer,
+    socket_activated,
+)
 
-# A keep-alive client that drops its idle connections after a second (nginx with upstream
-# keepalive_timeout 1s would): a connection idle for less may carry its next request at any
-# moment, and a stopping worker must not close it under that request (app/http/workers.py).
-PROXY_IDLE_SECONDS = 1.0
+# A keep-alive client that drops its idle connections as nginx does (its upstream
+# keepalive_timeout in nginx/smally.conf): a connection idle for less may carry its next request
+# at any moment, and a stopping worker must not close it under that request (app/http/workers.py).
+PROXY_IDLE_SECONDS = nginx_upstream_idle_seconds()
 
 
 class KeptAlive:
