@@ -187,7 +187,7 @@ TIER ?=
 LOG_LINES ?= 100
 RELEASE ?=
 HOST ?=
-.PHONY: help-deploy ansible-tools lint-deploy check-dist deploy host-down host-up restart releases rollback logs create-key api backup health rehearse rehearse-cluster
+.PHONY: help-deploy ansible-tools lint-deploy check-dist deploy host-down host-up restart releases rollback logs create-key api backup download-backup load-backup health rehearse rehearse-cluster
 
 help-deploy:
 	@echo "make deploy       ansible/site.yml against INVENTORY=$(INVENTORY) (build first: make build)"
@@ -201,6 +201,8 @@ help-deploy:
 	@echo "make create-key EMAIL=alice@example.com TIER=pro   a new API key, printed alone"
 	@echo "make api ARGS='keys revoke sk_1a2b3c4d'   the server's api command (keys, usage, migrate)"
 	@echo "make backup       run smally-backup.service now; prints the new backup's path"
+	@echo "make download-backup BACKUP=<that path> > smally.sql.gz   a backup, copied here"
+	@echo "make load-backup BACKUP=smally.sql.gz   into a new data host's empty database"
 	@echo "make health       scripts/health-check.sh on the server (exit status: pass/fail)"
 	@echo "make lint-deploy  ansible-lint (production profile) and bash -n on the scripts"
 	@echo "make rehearse     the whole deployment in a throwaway Debian 12 VM, checked (root)"
@@ -258,6 +260,19 @@ api:
 
 backup:
 	@$(ON_SERVER) $(INVENTORY) -- sudo sh -c 'systemctl start smally-backup.service && ls -1d /home/smally/backups/smally-*.sql.gz | tail -n 1'
+
+# Moving a database to a new data host (README "Growing past one server"): a backup copied
+# here, then loaded into the data host's new, empty database (scripts/load-backup.sh, run there).
+BACKUP ?=
+DB_NAME ?= smally
+DB_USER ?= smally
+download-backup:
+	@case "$(BACKUP)" in /home/smally/backups/smally-*.sql.gz) ;; *) echo "usage: make download-backup BACKUP=/home/smally/backups/smally-<time>.sql.gz > smally.sql.gz" >&2; exit 2;; esac
+	@$(ON_SERVER) $(INVENTORY) -- sudo cat "$(BACKUP)"
+
+load-backup:
+	@test -f "$(BACKUP)" || { echo "usage: make load-backup BACKUP=smally.sql.gz (a file here; DB_NAME=$(DB_NAME) DB_USER=$(DB_USER))" >&2; exit 2; }
+	@$(ON_SERVER) --data $(INVENTORY) -- sudo bash -c "$$(cat scripts/load-backup.sh)" load-backup "$(DB_NAME)" "$(DB_USER)" <"$(BACKUP)"
 
 health:
 	$(ON_SERVER) $(INVENTORY) -- sudo $(REMOTE_APP)/scripts/health-check.sh

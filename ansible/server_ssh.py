@@ -1,10 +1,11 @@
 """Run a command over ssh on the Smally server: what `make restart|logs|create-key|backup|health`
 use.
 
-    python3 ansible/server_ssh.py [--tty] INVENTORY -- COMMAND [ARG...]
+    python3 ansible/server_ssh.py [--tty] [--data] INVENTORY -- COMMAND [ARG...]
 
 The server is the first host of the inventory's `smally_api` group (a cluster) or else of its
-`smally` group, reached the way Ansible reaches it (ansible_host, ansible_port, ansible_user,
+`smally` group (with --data: of `smally_data`, the database's host, or else of `smally`),
+reached the way Ansible reaches it (ansible_host, ansible_port, ansible_user,
 ansible_ssh_private_key_file, ansible_ssh_common_args), read with `ansible-inventory` from the
 tool venv. SERVER=user@host skips the inventory; SSH_OPTS adds ssh options either way. COMMAND
 and its arguments are quoted for the remote shell, so an argument with spaces stays one
@@ -39,7 +40,7 @@ def group_hosts(data: dict, name: str) -> list[str]:
     return hosts
 
 
-def from_inventory(inventory: str) -> list[str]:
+def from_inventory(inventory: str, group: str) -> list[str]:
     if not Path(inventory).exists():
         die(f"no inventory {inventory}: see ansible/inventory/hosts.example.yml, or set SERVER")
     program = (
@@ -51,8 +52,8 @@ def from_inventory(inventory: str) -> list[str]:
         [program, "-i", inventory, "--list"], check=True, capture_output=True, text=True
     )
     data = json.loads(listed.stdout)
-    # An API host: on a cluster (ansible/inventory/cluster.example.yml) the first of smally_api.
-    hosts = group_hosts(data, "smally_api") or group_hosts(data, "smally")
+    # On a cluster (ansible/inventory/cluster.example.yml) the first of the role's group.
+    hosts = group_hosts(data, group) or group_hosts(data, "smally")
     if not hosts:
         die(f"{inventory} has no host in the group `smally`")
     host = hosts[0]
@@ -73,11 +74,14 @@ def main() -> None:
     tty = "--tty" in argv[:1]
     if tty:
         argv = argv[1:]
+    group = "smally_api"
+    if argv[:1] == ["--data"]:
+        group, argv = "smally_data", argv[1:]
     if len(argv) < 3 or argv[1] != "--":
-        die("usage: server_ssh.py [--tty] INVENTORY -- COMMAND [ARG...]")
+        die("usage: server_ssh.py [--tty] [--data] INVENTORY -- COMMAND [ARG...]")
     inventory, command = argv[0], argv[2:]
     server = os.environ.get("SERVER", "").strip()
-    target = [server] if server else from_inventory(inventory)
+    target = [server] if server else from_inventory(inventory, group)
     options = ["-o", "BatchMode=yes", *shlex.split(os.environ.get("SSH_OPTS", ""))]
     if tty and sys.stdin.isatty():
         options.append("-t")

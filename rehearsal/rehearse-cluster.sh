@@ -101,17 +101,19 @@ fi
 release_a=$("$HOST_PY" -c 'import json,sys; print(json.load(open(sys.argv[1]))["release"])' "$REPO/dist/BUILD.json")
 end
 
-begin deploy "make deploy with the cluster inventory, twice (the second: changed=0)"
+begin single "one server first: every role on api1 (hosts.example.yml's layout), a key and its usage"
 mkdir -p "$STAGE" "$RUN/tls" "$RUN/inventory"
 (cd "$REPO" && git ls-files -z --cached --others --exclude-standard -- ansible nginx systemd scripts) |
     while IFS= read -r -d '' file; do
         [ -f "$REPO/$file" ] && install -D -m "$(stat -c %a "$REPO/$file")" "$REPO/$file" "$STAGE/$file"
     done
 openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 2 \
-    -subj "/CN=smally.test" -addext "subjectAltName=DNS:smally.test,IP:$EDGE" \
+    -subj "/CN=smally.test" -addext "subjectAltName=DNS:smally.test,IP:$EDGE,IP:$API1" \
     -keyout "$RUN/tls/privkey.pem" -out "$RUN/tls/fullchain.pem" 2>/dev/null
-on $EDGE "sudo install -d -m 0755 /etc/ssl/smally && sudo tee /etc/ssl/smally/fullchain.pem >/dev/null" <"$RUN/tls/fullchain.pem"
-on $EDGE "sudo install -m 0600 /dev/stdin /etc/ssl/smally/privkey.pem" <"$RUN/tls/privkey.pem"
+for address in $EDGE $API1; do
+    on $address "sudo install -d -m 0755 /etc/ssl/smally && sudo tee /etc/ssl/smally/fullchain.pem >/dev/null" <"$RUN/tls/fullchain.pem"
+    on $address "sudo install -m 0600 /dev/stdin /etc/ssl/smally/privkey.pem" <"$RUN/tls/privkey.pem"
+done
 openssl rand -hex 24 >"$RUN/vault_pass"
 printf -- '---\nvault_smally_db_password: "%s"\nvault_smally_redis_password: "%s"\n' \
     "$(openssl rand -hex 24)" "$(openssl rand -hex 24)" >"$STAGE/ansible/group_vars/all/vault.yml"
@@ -121,15 +123,18 @@ stage_dist() { # the build in dist/, copied: the playbook uploads $STAGE/dist
     cp -a "$REPO/dist/api" "$REPO/dist/create_api_key" "$REPO/dist/models" "$REPO/dist/BUILD.json" "$STAGE/dist/"
 }
 stage_dist
-# ansible/inventory/cluster.example.yml, with these machines' addresses.
-# The machines have one address each: public and private are the same here.
-sed -e "s/203\.0\.113\.10/$EDGE/g; s/203\.0\.113\.11/$API1/g; s/203\.0\.113\.12/$API2/g" \
-    -e "s/10\.0\.0\.10/$EDGE/g; s/10\.0\.0\.11/$API1/g; s/10\.0\.0\.12/$API2/g" \
-    -e "s/api\.example\.com/smally.test/" -e '/^ *#/d' \
-    "$REPO/ansible/inventory/cluster.example.yml" >"$RUN/inventory/hosts.yml"
-# The rehearsal's own: its SSH key, its certificate, a free tier of $FREE_LIMIT, and nginx's
-# per-address limits opened up (all the load comes from one address here).
-cat >>"$RUN/inventory/hosts.yml" <<EOF
+# ansible/inventory/hosts.example.yml on api1 and cluster.example.yml on the three machines (one
+# address each: public and private are the same), with the rehearsal's own settings: its SSH
+# key, its certificate, a free tier of $FREE_LIMIT, and nginx's per-address limits opened up
+# (all the load comes from one address).
+SINGLE="$RUN/inventory/single.yml"
+CLUSTER="$RUN/inventory/hosts.yml"
+for example in hosts:"$SINGLE" cluster:"$CLUSTER"; do
+    sed -e "s/203\.0\.113\.10/$EDGE/g; s/203\.0\.113\.11/$API1/g; s/203\.0\.113\.12/$API2/g" \
+        -e "s/10\.0\.0\.10/$EDGE/g; s/10\.0\.0\.11/$API1/g; s/10\.0\.0\.12/$API2/g" \
+        -e "s/api\.example\.com/smally.test/" -e '/^ *#/d' \
+        "$REPO/ansible/inventory/${example%%:*}.example.yml" >"${example#*:}"
+    cat >>"${example#*:}" <<VARS
         ansible_ssh_private_key_file: $RUN/id_ed25519
         ansible_ssh_common_args: >-
           -F /dev/null -o UserKnownHostsFile=$RUN/known_hosts -o StrictHostKeyChecking=yes
@@ -139,52 +144,91 @@ cat >>"$RUN/inventory/hosts.yml" <<EOF
         smally_rate_burst: 2000
         smally_conn_limit: 2000
         smally_extra_env: {FREE_TIER_LIMIT: "$FREE_LIMIT"}
-EOF
-MAKE_CLUSTER=(make -C "$REPO" --no-print-directory INVENTORY="$RUN/inventory/hosts.yml")
-deploy() { # deploy LOG: make deploy; prints the recap lines, one per host
+VARS
+done
+sed -i "s/ansible_host: $EDGE/ansible_host: $API1/" "$SINGLE" # the single server is api1
+deploy() { # deploy LOG INVENTORY [ARG...]: make deploy; prints the recap lines, one per host
+    local log=$1 inventory=$2
+    shift 2
     ANSIBLE_FORCE_COLOR=0 ANSIBLE_NOCOLOR=1 ANSIBLE_SSH_CONTROL_PATH_DIR="$RUN/cp" \
-        timeout 30m "${MAKE_CLUSTER[@]}" deploy DEPLOY_PLAYBOOK="$STAGE/ansible/site.yml" \
-        VAULT_PASSWORD_FILE="$RUN/vault_pass" >"$1" 2>&1 ||
-        { tail -n 60 "$1" >&2; die "the playbook failed (full log: $1)"; }
-    grep -E '^(front|api1|api2) +: ok=' "$1"
+        timeout 30m make -C "$REPO" --no-print-directory deploy INVENTORY="$inventory" \
+        DEPLOY_PLAYBOOK="$STAGE/ansible/site.yml" VAULT_PASSWORD_FILE="$RUN/vault_pass" \
+        DEPLOY_ARGS="$*" >"$log" 2>&1 || { tail -n 60 "$log" >&2; die "the playbook failed (full log: $log)"; }
+    grep -E '^(front|api1|api2) +: ok=' "$log"
 }
-recaps=$(deploy "$RUN/deploy-1.log")
-log "first run:"$'\n'"$recaps"
-[ "$(grep -c 'failed=0' <<<"$recaps")" == 3 ] || die "first run: $recaps"
-recaps=$(deploy "$RUN/deploy-2.log")
-log "second run:"$'\n'"$recaps"
-if [ "$(grep -c ' changed=0 .*failed=0' <<<"$recaps")" != 3 ]; then
-    grep -E '^changed:' "$RUN/deploy-2.log" >&2 || true
-    die "the second run is not idempotent"
-fi
-end
-
-check() { "$HOST_PY" "$REPO/rehearsal/check_http.py" "$@" --https "https://$EDGE" --http "http://$EDGE" \
-    --ca "$RUN/tls/fullchain.pem"; }
-create_key() { # create_key EMAIL TIER: make create-key (on the first API host); prints the key
+on_make() { # on_make INVENTORY TARGET [VAR=VALUE...]: an operator's make command
+    local inventory=$1
+    shift
+    timeout 600 make -C "$REPO" --no-print-directory INVENTORY="$inventory" VAULT_PASSWORD_FILE="$RUN/vault_pass" \
+        DEPLOY_PLAYBOOK="$STAGE/ansible/site.yml" "$@"
+}
+check_at() { # check_at ADDRESS CHECK [ARG...]: rehearsal/check_http.py against nginx at ADDRESS
+    local address=$1
+    shift
+    "$HOST_PY" "$REPO/rehearsal/check_http.py" "$@" --https "https://$address" --http "http://$address" \
+        --ca "$RUN/tls/fullchain.pem"
+}
+check() { check_at $EDGE "$@"; } # through the cluster's edge
+create_key() { # create_key EMAIL TIER [INVENTORY]: make create-key (on the first API host); prints the key
     local key
-    key=$(timeout 180 "${MAKE_CLUSTER[@]}" create-key EMAIL="$1" TIER="$2" 2>"$RUN/create-key.err") ||
+    key=$(on_make "${3:-$CLUSTER}" create-key EMAIL="$1" TIER="$2" 2>"$RUN/create-key.err") ||
         { cat "$RUN/create-key.err" >&2; die "make create-key $1 failed"; }
     [[ "$key" =~ ^sk_[0-9a-f]{64}$ ]] || die "make create-key printed '$key', not a key alone"
     echo "$key"
 }
-ledger() { # ledger EMAIL: the embeddings the usage table holds for EMAIL (on the data host)
-    on $EDGE "sudo -u postgres psql -d smally -Atc \"SELECT coalesce(sum(u.embeddings_count), 0) FROM usage u
+ledger() { # ledger EMAIL [HOST]: the embeddings the usage table holds for EMAIL (on the data host)
+    on "${2:-$EDGE}" "sudo -u postgres psql -d smally -Atc \"SELECT coalesce(sum(u.embeddings_count), 0) FROM usage u
         JOIN users s ON s.id = u.user_id WHERE s.email = '$1'\""
 }
-served() { # served ADDRESS: the /v1/embed answers the API host at ADDRESS has given
-    on "$1" "curl -sS http://$1:8000/metrics" |
-        awk '/^smally_requests_total\{.*endpoint="\/v1\/embed"/ { n += $2 } END { printf "%d\n", n }'
-}
-wait_ledger() { # wait_ledger EMAIL N: the ledger is written every second; wait for N
+wait_ledger() { # wait_ledger EMAIL N [HOST]: the ledger is written every second; wait for N
     local value
     for _ in $(seq 30); do
-        value=$(ledger "$1")
+        value=$(ledger "$1" "${3:-$EDGE}")
         [ "$value" == "$2" ] && break
         sleep 1
     done
     echo "$value"
 }
+served() { # served ADDRESS: the /v1/embed answers the API host at ADDRESS has given
+    on "$1" "curl -sS http://$1:8000/metrics" |
+        awk '/^smally_requests_total\{.*endpoint="\/v1\/embed"/ { n += $2 } END { printf "%d\n", n }'
+}
+recaps=$(deploy "$RUN/deploy-single.log" "$SINGLE")
+log "one server:"$'\n'"$recaps"
+grep -q 'failed=0' <<<"$recaps" || die "the single server's deploy: $recaps"
+OLD_KEY=$(create_key old@rehearsal.test pro "$SINGLE")
+for _ in 1 2 3; do check_at $API1 key-ok --key "$OLD_KEY"; done
+old_ledger=$(wait_ledger old@rehearsal.test 3 $API1)
+[ "$old_ledger" == 3 ] || die "the single server's ledger holds $old_ledger embeddings, not 3"
+log "api1 serves alone: a pro key, 3 embeddings in its ledger"
+end
+
+begin grow "to the cluster: api1 stopped, make backup, download-backup; the data host deployed, make load-backup; make deploy (twice: the second changed=0)"
+stopped=$(date +%s)
+on $API1 'sudo systemctl stop smally.socket smally' # writes stop; its ledger is flushed
+backup=$(on_make "$SINGLE" backup 2>"$RUN/backup.err" | tail -n 1) ||
+    { cat "$RUN/backup.err" >&2; die "make backup (the single server) failed"; }
+on_make "$SINGLE" download-backup BACKUP="$backup" >"$RUN/moved.sql.gz" || die "make download-backup failed"
+gzip -t "$RUN/moved.sql.gz" || die "the downloaded backup is not a valid gzip file"
+recaps=$(deploy "$RUN/deploy-data.log" "$CLUSTER" --limit front)
+log "the data host alone:"$'\n'"$recaps"
+on_make "$CLUSTER" load-backup BACKUP="$RUN/moved.sql.gz" >&2 || die "make load-backup failed"
+recaps=$(deploy "$RUN/deploy-1.log" "$CLUSTER")
+log "the cluster, first run:"$'\n'"$recaps"
+[ "$(grep -c 'failed=0' <<<"$recaps")" == 3 ] || die "first run: $recaps"
+check health
+log "out of service for $(($(date +%s) - stopped)) s (api1 stopped until the cluster answered through the edge)"
+check key-ok --key "$OLD_KEY"
+moved_ledger=$(wait_ledger old@rehearsal.test 4)
+log "moved: the single server's key works through the edge; the ledger holds $moved_ledger embeddings (3 before, 1 after)"
+[ "$moved_ledger" == 4 ] || die "the moved ledger holds $moved_ledger embeddings, not 4"
+recaps=$(deploy "$RUN/deploy-2.log" "$CLUSTER")
+log "the cluster, second run:"$'\n'"$recaps"
+if [ "$(grep -c ' changed=0 .*failed=0' <<<"$recaps")" != 3 ]; then
+    grep -E '^changed:' "$RUN/deploy-2.log" >&2 || true
+    die "the second run is not idempotent"
+fi
+end
 
 begin network "what each host admits: PostgreSQL and Redis only to the API hosts, :8000 only to the edge"
 check health
@@ -236,7 +280,7 @@ make -C "$REPO" --no-print-directory build >"$RUN/build-b.log" 2>&1 || { tail -n
 release_b=$("$HOST_PY" -c 'import json,sys; print(json.load(open(sys.argv[1]))["release"])' "$REPO/dist/BUILD.json")
 [ "$release_b" != "$release_a" ] || die "the rebuild has the release name of the first build"
 stage_dist
-under_load rolling deploy "$RUN/deploy-3.log"
+under_load rolling deploy "$RUN/deploy-3.log" "$CLUSTER"
 if grep -E '^(front|api1|api2) +: ok=' "$RUN/deploy-3.log" | grep -vq 'failed=0'; then die "the rolling deploy failed"; fi
 for address in $API1 $API2; do
     on $address "curl -sS http://$address:8000/health" | grep -q "\"release\":\"$release_b\"" ||
@@ -252,8 +296,7 @@ begin host-down "api1 taken out (make host-down: drained at the edge, then stopp
 HOST_LOG="$RUN/host.log"
 host_make() { # host_make down|up HOST
     ANSIBLE_FORCE_COLOR=0 ANSIBLE_NOCOLOR=1 ANSIBLE_SSH_CONTROL_PATH_DIR="$RUN/cp" \
-        timeout 10m "${MAKE_CLUSTER[@]}" "host-$1" HOST="$2" DEPLOY_PLAYBOOK="$STAGE/ansible/site.yml" \
-        VAULT_PASSWORD_FILE="$RUN/vault_pass" >>"$HOST_LOG" 2>&1 ||
+        on_make "$CLUSTER" "host-$1" HOST="$2" >>"$HOST_LOG" 2>&1 ||
         { tail -n 40 "$HOST_LOG" >&2; echo "make host-$1 HOST=$2 failed"; return 1; }
 }
 host_down() {
@@ -284,7 +327,7 @@ log "usage ledger: $load_ledger embeddings for the load's $LOAD_200S 200s; $quot
 end
 
 begin backup "make backup: the shared database, dumped on the first API host"
-backup=$(timeout 300 "${MAKE_CLUSTER[@]}" backup 2>"$RUN/backup.err" | tail -n 1) || { cat "$RUN/backup.err" >&2; die "make backup failed"; }
+backup=$(on_make "$CLUSTER" backup 2>"$RUN/backup.err" | tail -n 1) || { cat "$RUN/backup.err" >&2; die "make backup failed"; }
 [[ "$backup" == /home/smally/backups/smally-*.sql.gz ]] || die "make backup printed '$backup'"
 on $API1 "sudo zcat '$backup'" | grep -q 'load@rehearsal.test' || die "$backup does not hold the load's user"
 log "make backup (smally-backup.service on api1, pg_dump from the data host): $backup"
