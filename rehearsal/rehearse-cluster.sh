@@ -147,20 +147,17 @@ for example in hosts:"$SINGLE" cluster:"$CLUSTER"; do
 VARS
 done
 sed -i "s/ansible_host: $EDGE/ansible_host: $API1/" "$SINGLE" # the single server is api1
-deploy() { # deploy LOG INVENTORY [ARG...]: make deploy; prints the recap lines, one per host
-    local log=$1 inventory=$2
-    shift 2
-    ANSIBLE_FORCE_COLOR=0 ANSIBLE_NOCOLOR=1 ANSIBLE_SSH_CONTROL_PATH_DIR="$RUN/cp" \
-        timeout 30m make -C "$REPO" --no-print-directory deploy INVENTORY="$inventory" \
-        DEPLOY_PLAYBOOK="$STAGE/ansible/site.yml" VAULT_PASSWORD_FILE="$RUN/vault_pass" \
-        DEPLOY_ARGS="$*" >"$log" 2>&1 || { tail -n 60 "$log" >&2; die "the playbook failed (full log: $log)"; }
-    grep -E '^(front|api1|api2) +: ok=' "$log"
-}
-on_make() { # on_make INVENTORY TARGET [VAR=VALUE...]: an operator's make command
-    local inventory=$1
+# The operator's make commands below run as written in docs/operations.md, against INVENTORY
+# (the single server's, then the cluster's) with the rehearsal's playbook copy and vault.
+export DEPLOY_PLAYBOOK="$STAGE/ansible/site.yml" VAULT_PASSWORD_FILE="$RUN/vault_pass"
+export ANSIBLE_FORCE_COLOR=0 ANSIBLE_NOCOLOR=1 ANSIBLE_SSH_CONTROL_PATH_DIR="$RUN/cp"
+export INVENTORY="$SINGLE"
+deploy() { # deploy LOG [ARG...]: make deploy; prints the recap lines, one per host
+    local log=$1
     shift
-    timeout 600 make -C "$REPO" --no-print-directory INVENTORY="$inventory" VAULT_PASSWORD_FILE="$RUN/vault_pass" \
-        DEPLOY_PLAYBOOK="$STAGE/ansible/site.yml" "$@"
+    timeout 30m make -C "$REPO" --no-print-directory deploy DEPLOY_ARGS="$*" >"$log" 2>&1 ||
+        { tail -n 60 "$log" >&2; die "the playbook failed (full log: $log)"; }
+    grep -E '^(front|api1|api2) +: ok=' "$log"
 }
 check_at() { # check_at ADDRESS CHECK [ARG...]: rehearsal/check_http.py against nginx at ADDRESS
     local address=$1
@@ -169,9 +166,9 @@ check_at() { # check_at ADDRESS CHECK [ARG...]: rehearsal/check_http.py against 
         --ca "$RUN/tls/fullchain.pem"
 }
 check() { check_at $EDGE "$@"; } # through the cluster's edge
-create_key() { # create_key EMAIL TIER [INVENTORY]: make create-key (on the first API host); prints the key
+create_key() { # create_key EMAIL TIER: make create-key (on the first API host); prints the key
     local key
-    key=$(on_make "${3:-$CLUSTER}" create-key EMAIL="$1" TIER="$2" 2>"$RUN/create-key.err") ||
+    key=$(timeout 180 make -C "$REPO" --no-print-directory create-key EMAIL="$1" TIER="$2" 2>"$RUN/create-key.err") ||
         { cat "$RUN/create-key.err" >&2; die "make create-key $1 failed"; }
     [[ "$key" =~ ^sk_[0-9a-f]{64}$ ]] || die "make create-key printed '$key', not a key alone"
     echo "$key"
@@ -193,10 +190,10 @@ served() { # served ADDRESS: the /v1/embed answers the API host at ADDRESS has g
     on "$1" "curl -sS http://$1:8000/metrics" |
         awk '/^smally_requests_total\{.*endpoint="\/v1\/embed"/ { n += $2 } END { printf "%d\n", n }'
 }
-recaps=$(deploy "$RUN/deploy-single.log" "$SINGLE")
+recaps=$(deploy "$RUN/deploy-single.log")
 log "one server:"$'\n'"$recaps"
 grep -q 'failed=0' <<<"$recaps" || die "the single server's deploy: $recaps"
-OLD_KEY=$(create_key old@rehearsal.test pro "$SINGLE")
+OLD_KEY=$(create_key old@rehearsal.test pro)
 for _ in 1 2 3; do check_at $API1 key-ok --key "$OLD_KEY"; done
 old_ledger=$(wait_ledger old@rehearsal.test 3 $API1)
 [ "$old_ledger" == 3 ] || die "the single server's ledger holds $old_ledger embeddings, not 3"
@@ -206,14 +203,17 @@ end
 begin grow "to the cluster: api1 stopped, make backup, download-backup; the data host deployed, make load-backup; make deploy (twice: the second changed=0)"
 stopped=$(date +%s)
 on $API1 'sudo systemctl stop smally.socket smally' # writes stop; its ledger is flushed
-backup=$(on_make "$SINGLE" backup 2>"$RUN/backup.err" | tail -n 1) ||
+backup=$(timeout 300 make -C "$REPO" --no-print-directory backup 2>"$RUN/backup.err" | tail -n 1) ||
     { cat "$RUN/backup.err" >&2; die "make backup (the single server) failed"; }
-on_make "$SINGLE" download-backup BACKUP="$backup" >"$RUN/moved.sql.gz" || die "make download-backup failed"
-gzip -t "$RUN/moved.sql.gz" || die "the downloaded backup is not a valid gzip file"
-recaps=$(deploy "$RUN/deploy-data.log" "$CLUSTER" --limit front)
+(cd "$RUN" && timeout 300 make -C "$REPO" --no-print-directory download-backup BACKUP="$backup" > smally.sql.gz ) ||
+    die "make download-backup failed"
+gzip -t "$RUN/smally.sql.gz" || die "the downloaded backup is not a valid gzip file"
+export INVENTORY="$CLUSTER"
+recaps=$(deploy "$RUN/deploy-data.log" --limit front)
 log "the data host alone:"$'\n'"$recaps"
-on_make "$CLUSTER" load-backup BACKUP="$RUN/moved.sql.gz" >&2 || die "make load-backup failed"
-recaps=$(deploy "$RUN/deploy-1.log" "$CLUSTER")
+(cd "$RUN" && timeout 300 make -C "$REPO" --no-print-directory load-backup BACKUP=smally.sql.gz) >&2 ||
+    die "make load-backup failed"
+recaps=$(deploy "$RUN/deploy-1.log")
 log "the cluster, first run:"$'\n'"$recaps"
 [ "$(grep -c 'failed=0' <<<"$recaps")" == 3 ] || die "first run: $recaps"
 check health
@@ -222,7 +222,7 @@ check key-ok --key "$OLD_KEY"
 moved_ledger=$(wait_ledger old@rehearsal.test 4)
 log "moved: the single server's key works through the edge; the ledger holds $moved_ledger embeddings (3 before, 1 after)"
 [ "$moved_ledger" == 4 ] || die "the moved ledger holds $moved_ledger embeddings, not 4"
-recaps=$(deploy "$RUN/deploy-2.log" "$CLUSTER")
+recaps=$(deploy "$RUN/deploy-2.log")
 log "the cluster, second run:"$'\n'"$recaps"
 if [ "$(grep -c ' changed=0 .*failed=0' <<<"$recaps")" != 3 ]; then
     grep -E '^changed:' "$RUN/deploy-2.log" >&2 || true
@@ -248,12 +248,16 @@ on $EDGE "sudo grep -E '^host[[:space:]]+smally' \$(sudo -u postgres psql -Atc '
 sed 's/^/    /' "$RUN/hba.txt" >&2
 [ "$(grep -c "scram-sha-256" "$RUN/hba.txt")" == 2 ] && grep -q "$API1/32" "$RUN/hba.txt" && grep -q "$API2/32" "$RUN/hba.txt" ||
     die "pg_hba.conf does not admit exactly the two API hosts"
+# api1, the former single server, kept nothing of its other roles: no server, no firewall rule.
+active=$(on $API1 'systemctl is-active postgresql redis-server redis-server@smally-cache nginx' | grep -cx active || true)
+[ "$active" == 0 ] || die "api1 still runs $active of PostgreSQL, Redis, the cache's Redis, nginx"
+if on $API1 'sudo ufw status' | grep -q '80,443'; then die "api1's firewall still admits HTTP and HTTPS"; fi
 # Prometheus on the edge scrapes each API host's /metrics on its private address (README).
 for address in $API1 $API2; do
     on $EDGE "curl -sSf http://$address:8000/metrics" | grep -q '^smally_requests_total' ||
         die "the edge cannot scrape $address:8000/metrics"
 done
-log "PostgreSQL and Redis (5432, 6379, 6380) admit the API hosts only, :8000 the edge only (it scrapes both API hosts' /metrics); api1's unit: $(cat "$RUN/ipallow.txt")"
+log "PostgreSQL and Redis (5432, 6379, 6380) admit the API hosts only, :8000 the edge only (it scrapes both API hosts' /metrics); api1's unit: $(cat "$RUN/ipallow.txt"); api1 runs none of its former roles' servers"
 end
 
 begin quota "300 concurrent requests of a free user (limit $FREE_LIMIT) through the edge"
@@ -280,7 +284,7 @@ make -C "$REPO" --no-print-directory build >"$RUN/build-b.log" 2>&1 || { tail -n
 release_b=$("$HOST_PY" -c 'import json,sys; print(json.load(open(sys.argv[1]))["release"])' "$REPO/dist/BUILD.json")
 [ "$release_b" != "$release_a" ] || die "the rebuild has the release name of the first build"
 stage_dist
-under_load rolling deploy "$RUN/deploy-3.log" "$CLUSTER"
+under_load rolling deploy "$RUN/deploy-3.log"
 if grep -E '^(front|api1|api2) +: ok=' "$RUN/deploy-3.log" | grep -vq 'failed=0'; then die "the rolling deploy failed"; fi
 for address in $API1 $API2; do
     on $address "curl -sS http://$address:8000/health" | grep -q "\"release\":\"$release_b\"" ||
@@ -294,13 +298,9 @@ end
 
 begin host-down "api1 taken out (make host-down: drained at the edge, then stopped) and back (make host-up), under steady load"
 HOST_LOG="$RUN/host.log"
-host_make() { # host_make down|up HOST
-    ANSIBLE_FORCE_COLOR=0 ANSIBLE_NOCOLOR=1 ANSIBLE_SSH_CONTROL_PATH_DIR="$RUN/cp" \
-        on_make "$CLUSTER" "host-$1" HOST="$2" >>"$HOST_LOG" 2>&1 ||
-        { tail -n 40 "$HOST_LOG" >&2; echo "make host-$1 HOST=$2 failed"; return 1; }
-}
 host_down() {
-    host_make down api1 || return 1
+    timeout 600 make -C "$REPO" --no-print-directory host-down HOST=api1 >>"$HOST_LOG" 2>&1 ||
+        { tail -n 40 "$HOST_LOG" >&2; echo "make host-down failed"; return 1; }
     if on $EDGE "timeout 3 bash -c 'echo >/dev/tcp/$API1/8000'" 2>/dev/null; then
         echo "api1's :8000 still accepts connections after make host-down"
         return 1
@@ -309,7 +309,8 @@ host_down() {
     out2=$(served $API2)
     sleep 8
     [ "$(served $API2)" -gt "$out2" ] || { echo "api2 served nothing while api1 was out"; return 1; }
-    host_make up api1 || return 1
+    timeout 600 make -C "$REPO" --no-print-directory host-up HOST=api1 >>"$HOST_LOG" 2>&1 ||
+        { tail -n 40 "$HOST_LOG" >&2; echo "make host-up failed"; return 1; }
     local back
     back=$(served $API1)
     sleep 3
@@ -327,7 +328,7 @@ log "usage ledger: $load_ledger embeddings for the load's $LOAD_200S 200s; $quot
 end
 
 begin backup "make backup: the shared database, dumped on the first API host"
-backup=$(on_make "$CLUSTER" backup 2>"$RUN/backup.err" | tail -n 1) || { cat "$RUN/backup.err" >&2; die "make backup failed"; }
+backup=$(timeout 300 make -C "$REPO" --no-print-directory backup 2>"$RUN/backup.err" | tail -n 1) || { cat "$RUN/backup.err" >&2; die "make backup failed"; }
 [[ "$backup" == /home/smally/backups/smally-*.sql.gz ]] || die "make backup printed '$backup'"
 on $API1 "sudo zcat '$backup'" | grep -q 'load@rehearsal.test' || die "$backup does not hold the load's user"
 log "make backup (smally-backup.service on api1, pg_dump from the data host): $backup"
