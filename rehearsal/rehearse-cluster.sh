@@ -211,7 +211,7 @@ gzip -t "$RUN/smally.sql.gz" || die "the downloaded backup is not a valid gzip f
 export INVENTORY="$CLUSTER"
 recaps=$(deploy "$RUN/deploy-data.log" --limit front)
 log "the data host alone:"$'\n'"$recaps"
-(cd "$RUN" && timeout 300 make -C "$REPO" --no-print-directory load-backup BACKUP=smally.sql.gz) >&2 ||
+timeout 300 make -C "$REPO" --no-print-directory load-backup BACKUP="$RUN/smally.sql.gz" >&2 ||
     die "make load-backup failed"
 recaps=$(deploy "$RUN/deploy-1.log")
 log "the cluster, first run:"$'\n'"$recaps"
