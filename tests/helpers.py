@@ -149,12 +149,17 @@ def read_answer(client: socket.socket) -> bytes:
     return b"".join(chunks)
 
 
+def nginx_upstream() -> str:
+    """The body of nginx/smally.conf's `upstream smally_api { ... }` block."""
+    conf = (REPO / "nginx/smally.conf").read_text()
+    upstream = re.search(r"upstream smally_api \{(.*?)\n\}", conf, re.S)
+    assert upstream, "nginx/smally.conf has no upstream smally_api"
+    return upstream.group(1)
+
+
 def nginx_upstream_idle_seconds() -> float:
     """nginx/smally.conf's upstream keepalive_timeout: how long nginx keeps an idle connection
     to the service before it drops it."""
-    conf = (Path(__file__).resolve().parents[1] / "nginx/smally.conf").read_text()
-    upstream = re.search(r"upstream smally_api \{(.*?)\n\}", conf, re.S)
-    assert upstream, "nginx/smally.conf has no upstream smally_api"
-    idle = re.search(r"^\s*keepalive_timeout (\d+)s;", upstream.group(1), re.M)
+    idle = re.search(r"^\s*keepalive_timeout (\d+)s;", nginx_upstream(), re.M)
     assert idle, "the upstream sets no keepalive_timeout in seconds"
     return float(idle.group(1))

@@ -11,7 +11,7 @@ from app.config import Settings
 from app.http.runner import SOCKET_BACKLOG
 from app.http.workers import IDLE_SECONDS
 from app.serving.usage import UsageRecorder
-from tests.helpers import nginx_upstream_idle_seconds
+from tests.helpers import nginx_upstream, nginx_upstream_idle_seconds
 
 ROOT = Path(__file__).resolve().parents[2]
 PASSWORD = "s3cret:p@ss"  # a throwaway value the test looks for
@@ -54,9 +54,8 @@ def test_nginx_drops_idle_connections_well_before_the_service_would() -> None:
     worker waits that long for nginx to drop its idle ones itself (app/http/workers.py): a margin
     of at least 2 s for nginx's timers on a loaded machine."""
     conf = (ROOT / "nginx/smally.conf").read_text()
-    upstream = re.search(r"upstream smally_api \{(.*?)\n\}", conf, re.S)
-    assert upstream
-    assert re.search(r"^\s*keepalive \d+;", upstream.group(1), re.M), upstream.group(1)
+    upstream = nginx_upstream()
+    assert re.search(r"^\s*keepalive \d+;", upstream, re.M), upstream
     assert 'proxy_set_header Connection "";' in conf
     assert "proxy_set_header Connection close;" not in conf
     nginx_idle = nginx_upstream_idle_seconds()
