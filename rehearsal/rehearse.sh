@@ -148,8 +148,12 @@ HTTPS_PORT=$(free_port)
 echo "[127.0.0.1]:$SSH_PORT $(cut -d' ' -f1,2 "$IMAGE/ssh_host_ed25519_key.pub")" >"$RUN/known_hosts"
 qemu-img create -q -f qcow2 -b "$IMAGE/base.qcow2" -F qcow2 "$RUN/overlay.qcow2"
 # -cpu max, minus 5-level paging: with la57 every TLB miss walks one more level in software,
-# which made apt installs and the boot in the VM twice as slow.
-cpu=max,la57=off
+# which made apt installs and the boot in the VM twice as slow. Minus AVX, AVX2 and FMA too:
+# qemu emulates them instruction by instruction, and onnxruntime, glibc and OpenSSL pick them
+# when offered (one embedding under qemu's emulation of this CPU: 17 s with them, 0.66 s with
+# SSE4.2; measured with qemu-x86_64 -cpu max / max,avx=off). A server without AVX is a real
+# x86-64 too (x86-64-v2), so the rehearsal still runs the binaries as built.
+cpu=max,la57=off,avx=off,avx2=off,fma=off
 [ "$VM_ACCEL" == tcg ] || cpu=host
 qemu-system-x86_64 \
     -name smally-rehearsal -machine q35 -accel "$VM_ACCEL" -cpu "$cpu" \

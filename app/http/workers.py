@@ -87,7 +87,7 @@ def _serve_in_processes(config: Config, sockets: Sockets) -> int:
 class _ServerRecordingLoop(asyncio.SelectorEventLoop):
     """The default event loop, remembering the servers hypercorn listens with (it keeps them to
     itself), so that a worker can close them before hypercorn's shutdown begins, and counting
-    the connections they hold open."""
+    the connections a client may still send a request on (open, and not closed by the client)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -100,17 +100,35 @@ class _ServerRecordingLoop(asyncio.SelectorEventLoop):
         def counted() -> asyncio.BaseProtocol:
             protocol = protocol_factory()
             made, lost = protocol.connection_made, protocol.connection_lost
+            eof = getattr(protocol, "eof_received", None)
+            counting = False
+
+            def uncount() -> None:
+                nonlocal counting
+                if counting:
+                    counting = False
+                    self.open_connections -= 1
 
             def connection_made(transport: asyncio.BaseTransport) -> None:
+                nonlocal counting
+                counting = True
                 self.open_connections += 1
                 made(transport)
 
+            # A client that has sent FIN can send no further request: its connection no longer
+            # holds a stopping worker back (hypercorn may keep it half-closed until its idle timer).
+            def eof_received() -> bool | None:
+                uncount()
+                return eof() if eof is not None else None
+
             def connection_lost(exc: Exception | None) -> None:
-                self.open_connections -= 1
+                uncount()
                 lost(exc)
 
             protocol.connection_made = connection_made  # type: ignore[method-assign]
             protocol.connection_lost = connection_lost  # type: ignore[method-assign]
+            if eof is not None:
+                protocol.eof_received = eof_received  # type: ignore[attr-defined]
             return protocol
 
         server = await super().create_server(counted, *args, **kwargs)

@@ -91,6 +91,19 @@ def _backup_age_line(tmp_path: Path, backups: Path) -> str:
     return lines[0]
 
 
+def test_nginx_waits_for_a_request_queued_across_a_restart() -> None:
+    """While the service restarts, a request waits in smally.socket's queue: nginx must wait as
+    long as the old process may drain and the new one may take to start, not answer 504."""
+    unit = (ROOT / "systemd/smally.service").read_text()
+    start = re.search(r"^TimeoutStartSec=(\d+)$", unit, re.M)
+    read = re.search(
+        r"^\s*proxy_read_timeout (\d+)s;", (ROOT / "nginx/smally.conf").read_text(), re.M
+    )
+    assert start and read
+    drain = Settings.__dataclass_fields__["shutdown_timeout"].default
+    assert int(read.group(1)) >= drain + int(start.group(1))
+
+
 def test_health_check_fails_on_a_missing_or_stale_backup(tmp_path: Path) -> None:
     backups = tmp_path / "backups"
     backups.mkdir()
