@@ -179,9 +179,17 @@ def _worker(config: Config, sockets: Sockets, stopping: Event | None = None) -> 
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(signalled.wait(), timeout=0.1)
             closing.draining = True
-            # Stop accepting: closes this process's descriptor of each listening socket; the
-            # socket itself lives on while systemd (or the next process) holds it, and the kernel
-            # keeps queueing connections on it.
+            # Stop accepting, in two steps. asyncio accepts a connection in one loop iteration and
+            # attaches its transport to the server in a later one, which fails once the server
+            # is closed (Python 3.11: an assertion, swallowed, and the connection dropped with a
+            # reset). So first no more accepts, then a moment for the accepted ones to get their
+            # transport (and be counted), then close: this process's descriptor of each listening
+            # socket; the socket lives on while systemd (or the next process) holds it, and the
+            # kernel keeps queueing connections on it.
+            for server in loop.servers:
+                for sock in server.sockets:
+                    loop.remove_reader(sock.fileno())
+            await asyncio.sleep(0.05)
             for server in loop.servers:
                 server.close()
             # Each open connection ends with the client: after its answer (`Connection: close`),
