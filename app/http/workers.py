@@ -92,7 +92,11 @@ class _ServerRecordingLoop(asyncio.SelectorEventLoop):
     def __init__(self) -> None:
         super().__init__()
         self.servers: list[asyncio.Server] = []
-        self.open_connections = 0
+        self._usable: set[asyncio.BaseProtocol] = set()
+
+    @property
+    def open_connections(self) -> int:
+        return len(self._usable)
 
     async def create_server(
         self, protocol_factory: Callable[[], asyncio.BaseProtocol], *args: Any, **kwargs: Any
@@ -100,35 +104,28 @@ class _ServerRecordingLoop(asyncio.SelectorEventLoop):
         def counted() -> asyncio.BaseProtocol:
             protocol = protocol_factory()
             made, lost = protocol.connection_made, protocol.connection_lost
-            eof = getattr(protocol, "eof_received", None)
-            counting = False
-
-            def uncount() -> None:
-                nonlocal counting
-                if counting:
-                    counting = False
-                    self.open_connections -= 1
 
             def connection_made(transport: asyncio.BaseTransport) -> None:
-                nonlocal counting
-                counting = True
-                self.open_connections += 1
+                self._usable.add(protocol)
                 made(transport)
 
-            # A client that has sent FIN can send no further request: its connection no longer
-            # holds a stopping worker back (hypercorn may keep it half-closed until its idle timer).
-            def eof_received() -> bool | None:
-                uncount()
-                return eof() if eof is not None else None
-
             def connection_lost(exc: Exception | None) -> None:
-                uncount()
+                self._usable.discard(protocol)
                 lost(exc)
 
             protocol.connection_made = connection_made  # type: ignore[method-assign]
             protocol.connection_lost = connection_lost  # type: ignore[method-assign]
-            if eof is not None:
-                protocol.eof_received = eof_received  # type: ignore[attr-defined]
+            if isinstance(protocol, asyncio.Protocol):
+                eof = protocol.eof_received
+
+                # A client that has sent FIN can send no further request: its connection no
+                # longer holds a stopping worker back (hypercorn may keep it half-closed until
+                # its idle timer).
+                def eof_received() -> bool | None:
+                    self._usable.discard(protocol)
+                    return eof()
+
+                protocol.eof_received = eof_received  # type: ignore[method-assign]
             return protocol
 
         server = await super().create_server(counted, *args, **kwargs)
