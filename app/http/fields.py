@@ -7,6 +7,7 @@ Fields are checked in declaration order; the first offender is the one reported.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,9 +27,25 @@ class Field:
         raise NotImplementedError
 
 
+# What "only whitespace" means, for the schema's pattern and the parser alike: every character
+# that Python's str.isspace() or a JSON Schema (ECMA-262) `\s` counts as whitespace. The two
+# disagree (Python: the separators U+001C-U+001F and U+0085; ECMA: U+FEFF), and a text the
+# contract accepts must not be refused for being blank (schemathesis found "\x1d\x1d").
+WHITESPACE = (  # a regular expression character class, ranges included
+    "\t\n\x0b\x0c\r\x1c-\x1f \x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000\ufeff"
+)
+NOT_WHITESPACE = f"[^{WHITESPACE}]"
+_NOT_WHITESPACE = re.compile(NOT_WHITESPACE)
+
+
+def blank(text: str) -> bool:
+    """Empty, or only whitespace (WHITESPACE)."""
+    return _NOT_WHITESPACE.search(text) is None
+
+
 def text_schema(description: str) -> dict[str, Any]:
     # Not empty and not only whitespace.
-    return {"type": "string", "minLength": 1, "pattern": r"\S", "description": description}
+    return {"type": "string", "minLength": 1, "pattern": NOT_WHITESPACE, "description": description}
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,7 +65,7 @@ class Text(Field):
             raise InvalidRequest(f"'{self.name}' is required", param=self.name)
         if not isinstance(text, str):
             raise InvalidRequest(f"'{self.name}' must be a string", param=self.name)
-        if not text.strip():
+        if blank(text):
             raise InvalidRequest(
                 f"'{self.name}' must not be empty or only whitespace", param=self.name
             )
@@ -90,7 +107,7 @@ class Texts(Field):
                 raise InvalidRequest(
                     f"{param} must be a string (token arrays are not accepted)", param=param
                 )
-            if not text.strip():
+            if blank(text):
                 raise InvalidRequest(f"{param} must not be empty or only whitespace", param=param)
         return texts
 
