@@ -107,6 +107,14 @@ def number(low: float, high: float) -> Parse:
     return parse
 
 
+def per_minute(name: str, raw: str) -> int:
+    """A per-minute limit: -1 (unlimited) or at least 1."""
+    value = integer(-1, 10**9)(name, raw)
+    if value == 0:
+        raise ConfigError(f"{name} must be -1 (unlimited) or at least 1, got 0")
+    return value
+
+
 def one_of(choices: tuple[str, ...]) -> Parse:
     def parse(name: str, raw: str) -> str:
         value = raw.lower()
@@ -287,6 +295,18 @@ class Settings:
     scale_tier_limit: int = setting(
         2_000_000, parse=integer(-1, 10**12), doc="embeddings per month for scale users"
     )
+    # Per-minute limits, one pair per tier in TIERS (requests and tokens; -1 is unlimited): what
+    # one customer may ask of a host shared with others, beside its monthly quota.
+    free_tier_rpm: int = setting(60, parse=per_minute, doc="requests per minute for free users")
+    pro_tier_rpm: int = setting(600, parse=per_minute, doc="requests per minute for pro users")
+    scale_tier_rpm: int = setting(
+        3_000, parse=per_minute, doc="requests per minute for scale users"
+    )
+    free_tier_tpm: int = setting(20_000, parse=per_minute, doc="tokens per minute for free users")
+    pro_tier_tpm: int = setting(200_000, parse=per_minute, doc="tokens per minute for pro users")
+    scale_tier_tpm: int = setting(
+        1_000_000, parse=per_minute, doc="tokens per minute for scale users"
+    )
     l1_cache_size: int = setting(
         10_000, parse=integer(0, 10**7), doc="entries of the in-process cache (0: off)"
     )
@@ -309,10 +329,20 @@ class Settings:
         1.0, parse=number(0.0, 100.0), doc="milliseconds a run may wait for late-comers"
     )
     max_batch_tokens: int = setting(
-        16_384, parse=integer(128, 10**6), doc="tokens collected into one model run"
+        2_048, parse=integer(128, 10**6), doc="padded tokens in one forward pass"
     )
     max_queue_tokens: int = setting(
-        262_144, parse=integer(128, 10**8), doc="tokens waiting before new work gets 503"
+        1_048_576, parse=integer(128, 10**8), doc="tokens waiting before new work gets 503"
+    )
+    max_user_queue_tokens: int = setting(
+        262_144,
+        parse=integer(128, 10**8),
+        doc="tokens one customer may have waiting before more gets 429",
+    )
+    max_tokenize_chars: int = setting(
+        2_000_000,
+        parse=integer(1024, 10**9),
+        doc="characters waiting for the tokenizer before new work gets 503",
     )
     model_aliases: tuple[str, ...] = setting(
         (), parse=comma_list, doc="extra model names /v1/embeddings accepts"
@@ -332,6 +362,14 @@ class Settings:
     def tier_limits(self) -> dict[str, int]:
         """Monthly embeddings per tier; -1 is unlimited."""
         return {tier: getattr(self, f"{tier}_tier_limit") for tier in TIERS}
+
+    @property
+    def tier_rates(self) -> dict[str, tuple[int, int]]:
+        """(requests, tokens) per minute per tier; -1 is unlimited."""
+        return {
+            tier: (getattr(self, f"{tier}_tier_rpm"), getattr(self, f"{tier}_tier_tpm"))
+            for tier in TIERS
+        }
 
     @classmethod
     def from_env(

@@ -85,6 +85,16 @@ class Metrics:
         self.rate_limited = counter(
             "smally_rate_limit_exceeded_total", "Requests refused by quota", ("tier",)
         )
+        self.per_minute_refused = counter(
+            "smally_per_minute_limited_total",
+            "Requests refused by a per-minute limit, by tier and window (requests, tokens)",
+            ("tier", "window"),
+        )
+        self.abandoned = counter(
+            "smally_abandoned_total",
+            "Work dropped because its client left: texts not tokenized, rows not embedded",
+            ("stage",),
+        )
         self.usage_buffer = Gauge(
             "smally_usage_buffer_records",
             "Usage records waiting to be written",
@@ -117,6 +127,10 @@ class Metrics:
         # Series that exist from the start read as 0 instead of "no data" on dashboards.
         for tier in TIERS:
             self.rate_limited.labels(tier)
+            for window in ("requests", "tokens"):
+                self.per_minute_refused.labels(tier, window)
+        for stage in ("tokenize", "inference"):
+            self.abandoned.labels(stage)
         for level in ("l1", "l2"):
             self.cache_hits.labels(level)
         self.usage_dropped.inc(0)

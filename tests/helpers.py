@@ -17,7 +17,7 @@ from urllib.parse import urlsplit, urlunsplit
 import numpy as np
 import psycopg
 
-from app.config import Settings
+from app.config import TIERS, Settings
 from app.serving.auth import Principal
 from dev.launcher import ApiProcess, free_port
 
@@ -49,6 +49,11 @@ def new_database(server_url: str) -> str:
 def base_env(**overrides: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in SMALLY_VARS}
     env.update({"MODEL_PATH": str(MODEL_PATH), "API_HOST": "127.0.0.1", "LOG_LEVEL": "info"})
+    # The per-minute limits are off unless a test is about them: many tests send more than a
+    # free tier's minute (tests/system/test_rate_limits.py runs them as shipped).
+    env.update(
+        {f"{tier.upper()}_TIER_{window}": "-1" for tier in TIERS for window in ("RPM", "TPM")}
+    )
     # Services of different tests share one Redis: each env gets its own key space.
     env["REDIS_KEY_PREFIX"] = f"test-{uuid.uuid4().hex[:8]}:"
     env.update(overrides)

@@ -23,18 +23,19 @@ async def embed(request: Request) -> Response:
     services.quota.refuse_if_known_exhausted(principal)
     bodies: RequestBodies = request.app.state.bodies
     fields = bodies.embed.parse(await json_body(request, services))
-    (token_ids,) = await services.model.tokenize([fields["text"]], truncate=fields["truncate"])
-    embedded = await services.pipeline.embed(principal, [token_ids], normalize=fields["normalize"])
+    embedded = await services.pipeline.embed(
+        principal, [fields["text"]], truncate=fields["truncate"], normalize=fields["normalize"]
+    )
     request.state.cached = embedded.cached[0]
     return JSONResponse(
         {
             "embedding": embedded.vectors[0],
             "model": services.model.manifest.name,
-            "tokens": len(token_ids),  # what was embedded: after truncation, if any
+            "tokens": embedded.tokens[0],  # what was embedded: after truncation, if any
             "cached": embedded.cached[0],
             "latency_ms": round((time.perf_counter() - started) * 1000, 3),
         },
-        headers=embedded.quota.headers(),
+        headers=embedded.headers(),
     )
 
 

@@ -8,6 +8,7 @@ quota, a text over the token limit, a full queue, a store down) are turned into 
 
 from __future__ import annotations
 
+import math
 import time
 from enum import Enum
 from typing import Any
@@ -15,11 +16,12 @@ from typing import Any
 from starlette.types import Scope
 
 from app.http.responses import JSONResponse
-from app.model.batching import QueueFull
-from app.model.engine import TextTooLong
+from app.model.batching import OwnerQueueFull, QueueFull
+from app.model.engine import MAX_CHARS_PER_TOKEN, TextTooLong
 from app.serving.auth import InvalidApiKey
 from app.serving.errors import Busy, StoreUnavailable
 from app.serving.quota import QuotaExceeded
+from app.serving.ratelimit import PERIOD, RateLimited
 
 
 class ApiError(Exception):
@@ -116,6 +118,15 @@ class RateLimitExceeded(ApiError):
     code = "rate_limit_exceeded"
 
 
+class TooManyRequests(ApiError):
+    """Over a per-minute limit (requests or tokens), or too much of the customer's own work is
+    waiting for the model: retry after `Retry-After` seconds."""
+
+    openai_type = "requests"
+    status = 429
+    code = "rate_limited"
+
+
 class ServiceUnavailable(ApiError):
     status = 503
     code = "service_unavailable"
@@ -157,9 +168,24 @@ def from_domain(exc: Exception, dialect: Dialect) -> ApiError | None:
         retry_after = max(1, int(state.reset_at.timestamp() - time.time()))
         return RateLimitExceeded(
             f"monthly quota of {state.limit} embeddings reached for the {exc.tier} tier",
-            headers={**state.headers(), "Retry-After": str(retry_after)},
+            # x-should-retry: OpenAI's clients would otherwise retry a refusal that lasts until
+            # the month's end.
+            headers={
+                **state.headers(),
+                "Retry-After": str(retry_after),
+                "x-should-retry": "false",
+            },
             limit=state.limit,
             reset_at=state.reset_at.strftime("%Y-%m-%dT%H:%M:%SZ"),
+        )
+    if isinstance(exc, RateLimited):
+        return _rate_limited(exc)
+    if isinstance(exc, OwnerQueueFull):
+        return TooManyRequests(
+            f"too much of your work is waiting for the model ({exc}); retry shortly",
+            headers={"Retry-After": "1"},
+            window="queued_tokens",
+            limit=exc.limit,
         )
     if isinstance(exc, TextTooLong):
         return _over_token_limit(exc, dialect)
@@ -172,14 +198,34 @@ def from_domain(exc: Exception, dialect: Dialect) -> ApiError | None:
     return None
 
 
+def _rate_limited(exc: RateLimited) -> TooManyRequests:
+    never = math.isinf(exc.retry_after)
+    retry_after = PERIOD if never else max(1, math.ceil(exc.retry_after))
+    error = TooManyRequests(
+        str(exc) if never else f"{exc}; retry after {retry_after} s",
+        headers={**exc.state.headers(), "Retry-After": str(int(retry_after))},
+        window=exc.window,
+        limit=exc.limit,
+    )
+    error.openai_type = exc.window  # OpenAI's type names the window: requests or tokens
+    return error
+
+
 def _over_token_limit(exc: TextTooLong, dialect: Dialect) -> OverTokenLimit:
     several = exc.inputs > 1
     where = f"input {exc.index}" if several else "text"
-    count = f"{exc.tokens}" if exc.exact else f"more than {exc.max_tokens}"
-    # An exact count, or (refused by counting words, never tokenized) only a lower bound.
-    counted = {"tokens": exc.tokens} if exc.exact else {"tokens_at_least": exc.tokens}
+    counted: dict[str, int]
+    if exc.chars is not None:  # refused for its characters alone, never tokenized
+        what = f"{exc.chars} characters, more than {exc.max_tokens * MAX_CHARS_PER_TOKEN} read"
+        counted = {"chars": exc.chars}
+    elif exc.exact:
+        what = f"{exc.tokens} tokens"
+        counted = {"tokens": exc.tokens}
+    else:  # refused by counting pieces, never tokenized: only a lower bound
+        what = f"more than {exc.max_tokens} tokens"
+        counted = {"tokens_at_least": exc.tokens}
     error = OverTokenLimit(
-        f"{where} has {count} tokens; the limit is {exc.max_tokens}",
+        f"{where} has {what}; the limit is {exc.max_tokens} tokens",
         max_tokens=exc.max_tokens,
         index=exc.index,
         **counted,

@@ -32,9 +32,9 @@ async def embeddings(request: Request) -> Response:
     services.quota.refuse_if_known_exhausted(principal)
     bodies: RequestBodies = request.app.state.bodies
     fields = bodies.embeddings.parse(await json_body(request, services))
-    texts = fields["input"]
-    token_ids = await services.model.tokenize(texts, truncate=fields["truncate"])
-    embedded = await services.pipeline.embed(principal, token_ids, normalize=True)
+    embedded = await services.pipeline.embed(
+        principal, fields["input"], truncate=fields["truncate"], normalize=True
+    )
     vectors = np.stack(embedded.vectors)
     if fields["dimensions"] is not None:
         vectors = l2_normalize(vectors[:, : fields["dimensions"]])
@@ -43,7 +43,7 @@ async def embeddings(request: Request) -> Response:
         {"object": "embedding", "index": i, "embedding": _encode(vector, encoding)}
         for i, vector in enumerate(vectors)
     ]
-    tokens = sum(len(row) for row in token_ids)  # embedded: after truncation, if any
+    tokens = sum(embedded.tokens)  # embedded: after truncation, if any
     request.state.cached = all(embedded.cached)
     return JSONResponse(
         {
@@ -52,7 +52,7 @@ async def embeddings(request: Request) -> Response:
             "model": services.model.manifest.name,
             "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
         },
-        headers=embedded.quota.headers(),
+        headers=embedded.headers(),
     )
 
 

@@ -20,7 +20,7 @@ from app.http import errors
 from app.http.endpoint import endpoint
 from app.http.fields import JSON
 from app.http.requests import MAX_INPUTS, RequestBodies, Served
-from app.model.engine import COUNT_WORDS_AFTER_CHARS
+from app.model.engine import COUNT_PIECES_AFTER_CHARS_PER_TOKEN, MAX_CHARS_PER_TOKEN
 
 # Which errors each endpoint can answer with (besides 405 for a wrong method).
 _EMBED_ERRORS = (
@@ -31,11 +31,12 @@ _EMBED_ERRORS = (
     errors.PayloadTooLarge,
     errors.UnsupportedMediaType,
     errors.RateLimitExceeded,
+    errors.TooManyRequests,
     errors.ServiceUnavailable,
     errors.Overloaded,
 )
 _OPENAI_EMBED_ERRORS = (*_EMBED_ERRORS, errors.ModelNotFound)
-_MODELS_ERRORS = (errors.Unauthorized, errors.ServiceUnavailable)
+_MODELS_ERRORS = (errors.Unauthorized, errors.TooManyRequests, errors.ServiceUnavailable)
 
 _ERROR_DESCRIPTIONS = {
     400: "Invalid request (`invalid_request`: not JSON, a duplicate key, a wrong type or "
@@ -46,7 +47,9 @@ _ERROR_DESCRIPTIONS = {
     "connection is closed",
     413: "The body is over the size limit (`payload_too_large`); it is refused unread",
     415: "The body is not JSON (`unsupported_media_type`)",
-    429: "The monthly quota is used up (`rate_limit_exceeded`)",
+    429: "The monthly quota is used up (`rate_limit_exceeded`, until the month's end), or a "
+    "per-minute limit is reached or too much of the customer's work is queued (`rate_limited`: "
+    "`window` says which; retry after `Retry-After` seconds)",
     503: "Starting, stopping, a store is unavailable, or too much work is queued "
     "(`service_unavailable`, `overloaded`); retry after `Retry-After` seconds",
 }
@@ -262,9 +265,19 @@ def _docs_asset_operation() -> dict[str, Any]:
 
 
 _REQUEST_ID_HEADER = {"X-Request-Id": {"$ref": "#/components/headers/X-Request-Id"}}
+_PER_MINUTE_HEADERS = tuple(
+    f"x-ratelimit-{what}-{window}"
+    for window in ("requests", "tokens")
+    for what in ("limit", "remaining", "reset")
+)
 _RATE_LIMIT_HEADERS = {
     name: {"$ref": f"#/components/headers/{name}"}
-    for name in ("X-RateLimit-Limit", "X-RateLimit-Remaining", "X-RateLimit-Reset")
+    for name in (
+        "X-RateLimit-Limit",
+        "X-RateLimit-Remaining",
+        "X-RateLimit-Reset",
+        *_PER_MINUTE_HEADERS,
+    )
 }
 
 
@@ -313,12 +326,29 @@ def _headers() -> dict[str, Any]:
         "X-RateLimit-Limit": integer("Embeddings allowed this month (-1: unlimited)"),
         "X-RateLimit-Remaining": integer("Embeddings left this month", required=False),
         "X-RateLimit-Reset": integer("When the quota resets (Unix seconds, UTC)", required=False),
+        **{name: _per_minute_header(name) for name in _PER_MINUTE_HEADERS},
         "Retry-After": integer("Seconds to wait before retrying"),
         "WWW-Authenticate": {
             "description": "The bearer challenge",
             "required": True,
             "schema": {"type": "string"},
         },
+    }
+
+
+def _per_minute_header(name: str) -> dict[str, Any]:
+    """x-ratelimit-{limit,remaining,reset}-{requests,tokens}: absent for an unlimited window."""
+    _, _, what, window = name.split("-")
+    meaning = {
+        "limit": (f"{window.capitalize()} allowed per minute", r"^[0-9]+$"),
+        "remaining": (f"{window.capitalize()} left of this minute's limit", r"^[0-9]+$"),
+        "reset": (f"Until the {window} limit is whole again (1s, 250ms, 6m0s)", r"^[0-9a-z.]+$"),
+    }
+    description, pattern = meaning[what]
+    return {
+        "description": description,
+        "required": False,
+        "schema": {"type": "string", "pattern": pattern},
     }
 
 
@@ -417,10 +447,12 @@ def _schemas(model: str, dimension: int) -> dict[str, Any]:
         "Error": {
             "type": "object",
             "description": "Every error: a stable `error` code and a message for people. Some "
-            "carry details (`param`, `max_tokens`, `tokens`, `tokens_at_least`, `index`, "
-            "`max_bytes`, `limit`, `reset_at`). `text_too_long` has `tokens` when the text was "
-            "tokenized, `tokens_at_least` when counting the words of a text over "
-            f"{COUNT_WORDS_AFTER_CHARS:,} characters already showed it too long.",
+            "carry details (`param`, `max_tokens`, `tokens`, `tokens_at_least`, `chars`, "
+            "`index`, `max_bytes`, `limit`, `reset_at`, `window`). `text_too_long` has `tokens` "
+            "when the text was tokenized, `tokens_at_least` when counting the pieces of a text "
+            f"over {COUNT_PIECES_AFTER_CHARS_PER_TOKEN} characters per token of the limit "
+            "already showed it too long, `chars` when the text is over "
+            f"{MAX_CHARS_PER_TOKEN} characters per token of the limit (never tokenized).",
             "required": ["error", "message"],
             "properties": {
                 "error": {"type": "string", "enum": _all_codes()},
@@ -433,6 +465,8 @@ def _schemas(model: str, dimension: int) -> dict[str, Any]:
                 "max_bytes": {"type": "integer"},
                 "limit": {"type": "integer"},
                 "reset_at": {"type": "string", "format": "date-time"},
+                "chars": {"type": "integer"},
+                "window": {"enum": ["requests", "tokens", "queued_tokens"]},
             },
         },
         "OpenAIError": {

@@ -1,12 +1,18 @@
-"""Dynamic batching: requests that arrive together are embedded together.
+"""Dynamic, fair batching: requests that arrive together are embedded together, and no customer's
+request waits for another customer's large one.
 
-A queue in front of the engine. When the engine is idle, a lone request runs at once. While it
-is busy, requests wait in the queue; the next run takes all of them (up to a token budget),
-giving late-comers at most `window` seconds to join when others are already waiting. Rows are
-sorted by length and cut into forward passes of `pass_rows`, so short texts are not padded to
-the longest of a mixed batch. One executor call per run keeps the
-event loop out of model work. The queue is bounded in tokens: past `max_queue_tokens` new work
-is refused (`QueueFull`) instead of building a backlog nobody will wait for.
+A queue in front of the engine, with a line of jobs per owner (the customer). The engine runs
+one forward pass at a time; each pass is filled round-robin across the owners with work
+waiting, every owner taking an equal share of its rows (a job's rows in length order, so they
+pad little), up to `pass_rows` rows and `max_batch_tokens` padded tokens. A large job is thus
+cut into passes, and every other owner's rows run between them: a request waits for at most the
+pass in flight and the passes of the owners ahead of it, never for the rest of a large job.
+
+When the engine is idle a lone request runs at once; when several wait, late-comers get at most
+`window` seconds to join the pass. The queue is bounded in tokens, in all (`max_queue_tokens`:
+QueueFull) and per owner (`max_owner_tokens`: OwnerQueueFull), so a backlog nobody will wait
+for is refused at once instead of built; an owner with nothing queued may always submit one job.
+A job whose caller has gone (its future cancelled) is dropped, its remaining rows never run.
 """
 
 from __future__ import annotations
@@ -14,7 +20,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Callable, Sequence
+from collections import OrderedDict, deque
+from collections.abc import Callable, Hashable, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 
@@ -29,12 +36,36 @@ class QueueFull(Exception):
     """The queue holds more work than the engine can catch up with soon; retry shortly."""
 
 
-@dataclass(slots=True)
+class OwnerQueueFull(Exception):
+    """This owner already has as much work waiting as one owner may; retry once it has run."""
+
+    def __init__(self, queued: int, limit: int) -> None:
+        super().__init__(f"{queued} tokens of yours are already waiting (at most {limit})")
+        self.queued = queued
+        self.limit = limit
+
+
+@dataclass(slots=True, eq=False)
 class _Job:
+    owner: Hashable
     rows: Sequence[Sequence[int]]
     normalize: bool
-    tokens: int
     future: asyncio.Future[np.ndarray] = field(repr=False)
+    order: list[int] = field(default_factory=list)  # row indices, shortest first
+    taken: int = 0  # rows handed to passes so far
+    done: int = 0  # rows whose vectors are back
+    vectors: np.ndarray | None = field(default=None, repr=False)
+
+    def tokens_left(self) -> int:
+        return sum(len(self.rows[i]) for i in self.order[self.taken :])
+
+
+@dataclass(slots=True)
+class _Pass:
+    rows: list[Sequence[int]] = field(default_factory=list)
+    normalize: list[bool] = field(default_factory=list)
+    slots: list[tuple[_Job, int]] = field(default_factory=list)  # (job, row index) per row
+    longest: int = 0
 
 
 class BatchingQueue:
@@ -44,22 +75,30 @@ class BatchingQueue:
         executor: Executor,
         *,
         window: float = 0.001,
-        max_batch_tokens: int = 16_384,
-        max_queue_tokens: int = 262_144,
+        max_batch_tokens: int = 2_048,
+        max_queue_tokens: int = 1_048_576,
+        max_owner_tokens: int = 262_144,
         pass_rows: int = 64,
         on_run: Callable[[int, float], None] = lambda rows, seconds: None,
+        on_abandoned: Callable[[int], None] = lambda rows: None,
     ) -> None:
         self.run_rows = run_rows  # blocking: raw (unnormalised) vectors of padded rows
         self.executor = executor
         self.window = window
+        # Padded tokens (rows x the longest) per pass: raw ORT on 2 cores is fastest at
+        # 512-2,048 of them (`make bench`), and a pass of 2,048 takes ~0.15 s, the most another
+        # owner's request waits for the pass in flight.
         self.max_batch_tokens = max_batch_tokens
         self.max_queue_tokens = max_queue_tokens
-        # Rows per forward pass: raw ORT on 2 cores peaks at batches of 32-64 (1340/s at 32,
-        # 1266 at 64, 1255 at 128 in `make bench`) and slows past that.
+        self.max_owner_tokens = max_owner_tokens
         self.pass_rows = pass_rows
         self.on_run = on_run
+        self.on_abandoned = on_abandoned  # rows of gone callers, dropped unrun
         self.queued_tokens = 0
-        self._queue: asyncio.Queue[_Job] = asyncio.Queue()
+        self._owner_tokens: dict[Hashable, int] = {}
+        # Owners with work waiting, in round-robin order; each with its jobs, oldest first.
+        self._lines: OrderedDict[Hashable, deque[_Job]] = OrderedDict()
+        self._arrived = asyncio.Event()
         self._worker: asyncio.Task[None] | None = None
 
     def start(self) -> None:
@@ -70,74 +109,135 @@ class BatchingQueue:
             self._worker.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._worker
-        while not self._queue.empty():
-            job = self._queue.get_nowait()
-            if not job.future.done():
-                job.future.set_exception(QueueFull("the service is stopping"))
+        for line in self._lines.values():
+            for job in line:
+                if not job.future.done():
+                    job.future.set_exception(QueueFull("the service is stopping"))
+        self._lines.clear()
 
-    async def submit(self, rows: Sequence[Sequence[int]], *, normalize: bool) -> np.ndarray:
+    async def submit(
+        self, rows: Sequence[Sequence[int]], *, normalize: bool, owner: Hashable = None
+    ) -> np.ndarray:
         tokens = sum(len(row) for row in rows)
-        # An empty queue takes any job, however large; otherwise the bound holds.
+        # An empty queue takes any job, however large; otherwise the bounds hold.
         if self.queued_tokens and self.queued_tokens + tokens > self.max_queue_tokens:
             raise QueueFull(f"{self.queued_tokens} tokens are already waiting")
-        job = _Job(rows, normalize, tokens, asyncio.get_running_loop().create_future())
+        owned = self._owner_tokens.get(owner, 0)
+        if owned and owned + tokens > self.max_owner_tokens:
+            raise OwnerQueueFull(owned, self.max_owner_tokens)
+        future = asyncio.get_running_loop().create_future()
+        order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
+        job = _Job(owner, rows, normalize, future, order)
+        self._add_tokens(owner, tokens)
+        self._lines.setdefault(owner, deque()).append(job)
+        self._arrived.set()
+        try:
+            return await future
+        finally:
+            if not future.done() or future.cancelled():
+                self._abandon(job)
+
+    def _add_tokens(self, owner: Hashable, tokens: int) -> None:
         self.queued_tokens += tokens
-        self._queue.put_nowait(job)
-        return await job.future
+        left = self._owner_tokens.get(owner, 0) + tokens
+        if left > 0:
+            self._owner_tokens[owner] = left
+        else:
+            self._owner_tokens.pop(owner, None)
+
+    def _abandon(self, job: _Job) -> None:
+        """The caller is gone: its rows not yet taken never run."""
+        if not job.future.done():
+            job.future.cancel()
+        line = self._lines.get(job.owner)
+        if line is not None and job in line:
+            line.remove(job)
+            if not line:
+                del self._lines[job.owner]
+            self._add_tokens(job.owner, -job.tokens_left())
+            self.on_abandoned(len(job.order) - job.taken)
+            job.taken = len(job.order)
+
+    def waiting(self) -> int:
+        """Jobs waiting for a pass."""
+        return sum(len(line) for line in self._lines.values())
 
     async def _work(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            jobs = [await self._queue.get()]
-            tokens = jobs[0].tokens
-            while not self._queue.empty() and tokens < self.max_batch_tokens:
-                jobs.append(self._queue.get_nowait())
-                tokens += jobs[-1].tokens
-            if len(jobs) > 1 and self.window > 0:
-                # Under load: others are arriving, let the next few join this run.
-                deadline = loop.time() + self.window
-                while tokens < self.max_batch_tokens and (remaining := deadline - loop.time()) > 0:
-                    try:
-                        jobs.append(await asyncio.wait_for(self._queue.get(), remaining))
-                    except TimeoutError:
-                        break
-                    tokens += jobs[-1].tokens
-            self.queued_tokens -= tokens
-            live = [job for job in jobs if not job.future.done()]  # callers may have gone
-            if not live:
+            while not self._lines:
+                self._arrived.clear()
+                await self._arrived.wait()
+            if self.window > 0 and self.waiting() > 1:
+                # Under load: others are arriving, let the next few join this pass.
+                await asyncio.sleep(self.window)
+            batch = self._next_pass()
+            if not batch.rows:
                 continue
             try:
-                results = await loop.run_in_executor(self.executor, self._run, live)
+                vectors = await loop.run_in_executor(self.executor, self._run, batch)
             except Exception as exc:
-                for job in live:
+                for job, _ in batch.slots:
                     if not job.future.done():
                         job.future.set_exception(exc)
                 continue
-            for job, vectors in zip(live, results, strict=True):
-                if not job.future.done():
-                    job.future.set_result(vectors)
+            for (job, index), vector in zip(batch.slots, vectors, strict=True):
+                if job.future.done():
+                    continue
+                if job.vectors is None:
+                    job.vectors = np.empty((len(job.rows), vector.shape[0]), dtype=np.float32)
+                job.vectors[index] = vector
+                job.done += 1
+                if job.done == len(job.rows):
+                    job.future.set_result(job.vectors)
 
-    def _run(self, jobs: list[_Job]) -> list[np.ndarray]:
-        """On the executor thread: one pass over every row of every job, in length order."""
+    def _next_pass(self) -> _Pass:
+        """Rows for one pass, round-robin across owners, each taking an equal share."""
+        batch = _Pass()
+        while self._lines and len(batch.rows) < self.pass_rows:
+            owners = list(self._lines)
+            share = max(1, (self.pass_rows - len(batch.rows)) // len(owners))
+            for owner in owners:
+                if not self._take(owner, share, batch):
+                    return batch  # the pass is full
+        return batch
+
+    def _take(self, owner: Hashable, share: int, batch: _Pass) -> bool:
+        """Up to `share` of the owner's rows into the pass; False once the pass is full. The
+        owner goes to the back of the round-robin order."""
+        line = self._lines.pop(owner)
+        full = False
+        taken = 0
+        while line and taken < share:
+            job = line[0]
+            index = job.order[job.taken]
+            length = len(job.rows[index])
+            longest = max(batch.longest, length)
+            if batch.rows and (
+                len(batch.rows) >= self.pass_rows
+                or longest * (len(batch.rows) + 1) > self.max_batch_tokens
+            ):
+                full = True
+                break
+            batch.rows.append(job.rows[index])
+            batch.normalize.append(job.normalize)
+            batch.slots.append((job, index))
+            batch.longest = longest
+            job.taken += 1
+            taken += 1
+            self._add_tokens(owner, -length)
+            if job.taken == len(job.order):
+                line.popleft()
+        if line:
+            self._lines[owner] = line
+        return not full
+
+    def _run(self, batch: _Pass) -> np.ndarray:
+        """On the executor thread: one forward pass; rows normalised where their job asks."""
         started = time.perf_counter()
-        rows = [row for job in jobs for row in job.rows]
-        order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
-        pooled = np.empty((len(rows), 0), dtype=np.float32)
-        # Neighbours in length order share a pass: little padding, and passes of a size
-        # ONNX Runtime runs fastest.
-        for start in range(0, len(order), self.pass_rows):
-            chunk = order[start : start + self.pass_rows]
-            vectors = self.run_rows([rows[i] for i in chunk])
-            if pooled.shape[1] == 0:
-                pooled = np.empty((len(rows), vectors.shape[1]), dtype=np.float32)
-            pooled[chunk] = vectors
-        self.on_run(len(rows), time.perf_counter() - started)
-        results = []
-        offset = 0
-        for job in jobs:
-            vectors = pooled[offset : offset + len(job.rows)]
-            offset += len(job.rows)
-            if job.normalize:
-                vectors = l2_normalize(vectors)
-            results.append(vectors)
-        return results
+        vectors = self.run_rows(batch.rows)
+        self.on_run(len(batch.rows), time.perf_counter() - started)
+        if any(batch.normalize):
+            wanted = np.asarray(batch.normalize)
+            vectors[wanted] = l2_normalize(vectors[wanted])
+        return vectors

@@ -24,43 +24,71 @@ class ModelError(Exception):
 
 class TextTooLong(Exception):
     """`tokens` is the exact count, or with `exact=False` a lower bound (the text was refused
-    by counting its words, without tokenizing it)."""
+    by counting its pieces, without tokenizing it); `chars` is set instead when the text was
+    refused for its length in characters alone."""
 
     def __init__(
-        self, index: int, tokens: int, max_tokens: int, *, inputs: int, exact: bool = True
+        self,
+        index: int,
+        tokens: int,
+        max_tokens: int,
+        *,
+        inputs: int,
+        exact: bool = True,
+        chars: int | None = None,
     ) -> None:
-        count = f"{tokens}" if exact else f"at least {tokens}"
-        super().__init__(f"input {index} has {count} tokens, more than the limit of {max_tokens}")
+        if chars is not None:
+            what = f"{chars} characters, more than the {max_tokens * MAX_CHARS_PER_TOKEN} read"
+        else:
+            what = f"{tokens if exact else f'at least {tokens}'} tokens"
+        super().__init__(f"input {index} has {what}: the limit is {max_tokens} tokens")
         self.index = index
         self.tokens = tokens
         self.max_tokens = max_tokens
         self.inputs = inputs  # how many texts were tokenized together
         self.exact = exact
+        self.chars = chars
 
 
-# Texts longer than this many characters have their words counted before tokenizing (below, a
-# text tokenizes in a few milliseconds and its 400 keeps an exact count).
-COUNT_WORDS_AFTER_CHARS = 10_000
+# Texts longer than this many characters per token of the limit have their pieces counted
+# before tokenizing (below, a text tokenizes in well under a millisecond and its 400 keeps an
+# exact count); a text of 1,024 characters and 129 counted pieces costs a scan, not a tokenizer.
+COUNT_PIECES_AFTER_CHARS_PER_TOKEN = 8
+# No text is tokenized past this many characters per token of the limit (8,192 for 128): more
+# is refused, or with truncate cut there. Natural text has 3-6 characters per token; this bounds
+# the tokenizer's work per text for texts of whitespace, marks or overlong words.
+MAX_CHARS_PER_TOKEN = 64
 
-# Words as the BERT tokenizer will see them at least: split only on characters its normaliser
-# also treats as whitespace (a subset of them), so it never sees fewer, longer words.
-_WORD = re.compile(r"[^ \t\n\r\u00a0\u1680\u2000-\u200a\u202f\u205f\u3000]+")
-# A word with a letter or digit yields at least one word piece ([UNK] at worst); a word of
-# punctuation, marks or control characters alone might be removed by normalisation.
+_WHITESPACE = r"\t\n\r \u00a0\u1680\u2000-\u200a\u202f\u205f\u3000"
+# ASCII punctuation: BERT's pre-tokenizer makes each such character a piece of its own.
+_ASCII_PUNCTUATION = r"!-/:-@\[-`{-~"
+# Pieces as the BERT tokenizer will see them at least: a single ASCII punctuation character, or
+# a run of anything else up to whitespace (only characters its normaliser also treats as
+# whitespace, a subset of them) or such punctuation, so it never sees fewer, longer pieces.
+_PIECE = re.compile(f"[{_ASCII_PUNCTUATION}]|[^{_WHITESPACE}{_ASCII_PUNCTUATION}]+")
+# A run with a letter or digit yields at least one word piece ([UNK] at worst); a run of marks
+# or control characters alone might be removed by normalisation.
 _LETTER_OR_DIGIT = re.compile(r"[^\W_]")
 
 
-def end_of_word(text: str, count: int) -> int | None:
-    """Where the `count`-th word with a letter or digit ends (so `text[:end]` tokenizes to at
-    least `count` word pieces, the same first ones as the whole text: BERT's tokenization is
-    word-local), or None when the text has fewer. Costs the words scanned, not the text."""
+def end_of_pieces(text: str, count: int) -> int | None:
+    """Where the `count`-th sure piece ends (so `text[:end]` tokenizes to at least `count` word
+    pieces, the same first ones as the whole text: BERT's tokenization is word-local, and every
+    piece counted here ends at whitespace or punctuation), or None when the text has fewer.
+    Costs the pieces scanned, not the text."""
     seen = 0
-    for word in _WORD.finditer(text):
-        if _LETTER_OR_DIGIT.search(word.group()):
+    for piece in _PIECE.finditer(text):
+        run = piece.group()
+        if (len(run) == 1 and run in _ASCII_PUNCTUATION_SET) or _LETTER_OR_DIGIT.search(run):
             seen += 1
             if seen == count:
-                return word.end()
+                return piece.end()
     return None
+
+
+_ASCII_PUNCTUATION_SET = frozenset(
+    chr(c) for c in (*range(33, 48), *range(58, 65), *range(91, 97), *range(123, 127))
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,13 +127,16 @@ class Engine:
         *,
         max_tokens: int,
         threads: int = 0,
-        count_words_after: int | None = None,
+        count_pieces_after: int | None = None,
     ) -> None:
         self.manifest = ModelManifest.load(model_dir)
         self.max_tokens = max_tokens
-        self.count_words_after = (
-            COUNT_WORDS_AFTER_CHARS if count_words_after is None else count_words_after
+        self.count_pieces_after = (
+            max_tokens * COUNT_PIECES_AFTER_CHARS_PER_TOKEN
+            if count_pieces_after is None
+            else count_pieces_after
         )
+        self.max_text_chars = max_tokens * MAX_CHARS_PER_TOKEN
         for required in ("model.onnx", "tokenizer.json"):
             if not (model_dir / required).is_file():
                 raise ModelError(f"{model_dir / required} is missing (run `make model`)")
@@ -140,17 +171,23 @@ class Engine:
         texts = list(texts)
         pieces = self.max_tokens - 2  # between [CLS] and [SEP]
         for index, text in enumerate(texts):
-            # Refused or cut by counting words first: a megabyte of text costs ~260 ms in the
-            # tokenizer, its first words microseconds.
-            long = len(text) > max(self.count_words_after, pieces) and pieces >= 0
-            end = end_of_word(text, pieces + 1) if long else None
+            # Refused or cut by counting pieces first: a megabyte of text costs ~260 ms in the
+            # tokenizer, its first pieces microseconds.
+            long = len(text) > max(self.count_pieces_after, pieces) and pieces >= 0
+            end = end_of_pieces(text, pieces + 1) if long else None
+            if end is None and len(text) > self.max_text_chars:
+                if not truncate:
+                    raise TextTooLong(
+                        index, 0, self.max_tokens, inputs=len(texts), exact=False, chars=len(text)
+                    )
+                end = self.max_text_chars
             if end is None:
                 continue
             if not truncate:
                 raise TextTooLong(
                     index, self.max_tokens + 1, self.max_tokens, inputs=len(texts), exact=False
                 )
-            texts[index] = text[:end]  # still over the limit, with the same first pieces
+            texts[index] = text[:end]  # with the same first pieces
         # The encodings (offsets, token strings: ~100 MB for a megabyte of text) are dropped at
         # once, not kept alive by a TextTooLong's traceback until the heap is trimmed.
         ids = [e.ids for e in self.tokenizer.encode_batch_fast(texts)]

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import asyncio
-import functools
+import threading
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from app.model.batching import BatchingQueue
+from app.model.batching import BatchingQueue, QueueFull
 from app.model.engine import Engine, ModelManifest
 from app.model.memory import HeapTrimmer
 
@@ -38,22 +38,32 @@ class EngineRunner:
         engine: Engine,
         *,
         window: float = 0.001,
-        max_batch_tokens: int = 16_384,
-        max_queue_tokens: int = 262_144,
+        max_batch_tokens: int = 2_048,
+        max_queue_tokens: int = 1_048_576,
+        max_owner_tokens: int = 262_144,
+        max_tokenize_chars: int = 2_000_000,
         on_run: Callable[[int, float], None] = lambda rows, seconds: None,
+        on_abandoned: Callable[[str, int], None] = lambda stage, count: None,
     ) -> None:
         self.engine = engine
         self._inference = ThreadPoolExecutor(max_workers=1, thread_name_prefix="onnx")
         self._tokenizing = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenize")
         self._heap = HeapTrimmer()
         self._memo: OrderedDict[tuple[str, bool], tuple[int, ...]] = OrderedDict()
+        # Characters handed to the tokenizer thread and not yet tokenized: past the bound new
+        # work is refused at once (QueueFull) rather than queued for seconds.
+        self.max_tokenize_chars = max_tokenize_chars
+        self.tokenize_queued_chars = 0
+        self.on_abandoned = on_abandoned  # ("tokenize" texts | "inference" rows) of gone callers
         self.queue = BatchingQueue(
             lambda rows: engine.infer(rows, normalize=False),
             self._inference,
             window=window,
             max_batch_tokens=max_batch_tokens,
             max_queue_tokens=max_queue_tokens,
+            max_owner_tokens=max_owner_tokens,
             on_run=on_run,
+            on_abandoned=lambda rows: on_abandoned("inference", rows),
         )
 
     @property
@@ -69,11 +79,34 @@ class EngineRunner:
         chars = sum(len(t) for t in texts)
         if chars <= self.INLINE_TOKENIZE_CHARS:
             return self.engine.tokenize(texts, truncate=truncate)
+        queued = self.tokenize_queued_chars
+        if queued and queued + chars > self.max_tokenize_chars:
+            raise QueueFull(f"{queued} characters are already waiting for the tokenizer")
         work = self._tokenize_and_trim if chars > self.TRIM_AFTER_CHARS else self.engine.tokenize
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(
-            self._tokenizing, functools.partial(work, texts, truncate=truncate)
-        )
+        # Whoever takes it first: the tokenizer thread starting the work, or a caller that left
+        # before its turn (the work is then never done).
+        claim = threading.Lock()
+
+        def tokenize() -> list[list[int]]:
+            if not claim.acquire(blocking=False):
+                return []
+            try:
+                return work(texts, truncate=truncate)
+            finally:
+                loop.call_soon_threadsafe(self._tokenized, chars)
+
+        self.tokenize_queued_chars += chars
+        try:
+            return await loop.run_in_executor(self._tokenizing, tokenize)
+        except asyncio.CancelledError:
+            if claim.acquire(blocking=False):
+                self._tokenized(chars)
+                self.on_abandoned("tokenize", len(texts))
+            raise
+
+    def _tokenized(self, chars: int) -> None:
+        self.tokenize_queued_chars -= chars
 
     def _tokenize_one(self, text: str, truncate: bool) -> tuple[int, ...]:
         key = (text, truncate)
@@ -95,8 +128,11 @@ class EngineRunner:
         finally:
             self._heap.release()
 
-    async def infer(self, token_ids: Sequence[Sequence[int]], *, normalize: bool) -> np.ndarray:
-        return await self.queue.submit(token_ids, normalize=normalize)
+    async def infer(
+        self, token_ids: Sequence[Sequence[int]], *, normalize: bool, owner: Hashable = None
+    ) -> np.ndarray:
+        """Vectors of the rows, through the fair queue (`owner`: whose work it is)."""
+        return await self.queue.submit(token_ids, normalize=normalize, owner=owner)
 
     async def stop(self) -> None:
         await self.queue.stop()

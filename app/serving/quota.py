@@ -382,6 +382,22 @@ class QuotaService:
                 self._outage_or_busy(exc)
         return QuotaState(limit, await self._ledger_sum(principal.user_id, start, end), end)
 
+    async def set_tokens(self, reservation: Reservation, tokens: int) -> None:
+        """The reserved request's tokens, once tokenized (the reservation came first, on the
+        input count alone)."""
+        reservation.tokens = tokens
+        if reservation.ledger_row_id is not None and tokens:
+            # The fallback wrote its ledger row when it decided; the embeddings are billed
+            # whatever happens here, the tokens are a statistic.
+            try:
+                async with self.pool.connection() as conn:
+                    await conn.execute(
+                        "UPDATE usage SET tokens = %s WHERE id = %s",
+                        (tokens, reservation.ledger_row_id),
+                    )
+            except (psycopg.Error, PoolTimeout):
+                log.warning("could not record a request's tokens in the ledger", exc_info=True)
+
     def commit(self, reservation: Reservation) -> None:
         """The embeddings were served: meter them (unless the fallback already did)."""
         if reservation.ledger_row_id is None:

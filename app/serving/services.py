@@ -22,6 +22,7 @@ from app.serving.cache import EmbeddingCache
 from app.serving.pipeline import EmbeddingPipeline
 from app.serving.postgres import open_pool
 from app.serving.quota import QuotaService
+from app.serving.ratelimit import RateLimiter
 from app.serving.redis_link import RedisLink
 from app.serving.usage import UsageRecorder
 
@@ -42,6 +43,7 @@ class Services:
     auth: Authenticator
     usage: UsageRecorder
     quota: QuotaService
+    limits: RateLimiter
     cache: EmbeddingCache
     metrics: Metrics
     pipeline: EmbeddingPipeline
@@ -91,7 +93,10 @@ class Services:
             window=settings.batch_window_ms / 1000,
             max_batch_tokens=settings.max_batch_tokens,
             max_queue_tokens=settings.max_queue_tokens,
+            max_owner_tokens=settings.max_user_queue_tokens,
+            max_tokenize_chars=settings.max_tokenize_chars,
             on_run=lambda rows, seconds: metrics.inference_latency.observe(seconds),
+            on_abandoned=lambda stage, count: metrics.abandoned.labels(stage).inc(count),
         )
         quota = QuotaService(
             redis,
@@ -100,6 +105,11 @@ class Services:
             settings.tier_limits,
             on_refused=lambda tier: metrics.rate_limited.labels(tier).inc(),
             on_rebuild=metrics.quota_rebuilds.inc,
+        )
+        limits = RateLimiter(
+            redis,
+            settings.tier_rates,
+            on_refused=lambda tier, window: metrics.per_minute_refused.labels(tier, window).inc(),
         )
         cache_redis = (
             RedisLink(
@@ -128,7 +138,8 @@ class Services:
             quota=quota,
             cache=cache,
             metrics=metrics,
-            pipeline=EmbeddingPipeline(model, cache, quota, metrics),
+            limits=limits,
+            pipeline=EmbeddingPipeline(model, cache, quota, limits, metrics),
             cache_redis=cache_redis,
         )
         info = build_info()

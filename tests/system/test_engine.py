@@ -7,7 +7,7 @@ import random
 import numpy as np
 import pytest
 
-from app.model.engine import Engine, TextTooLong, end_of_word
+from app.model.engine import Engine, TextTooLong, end_of_pieces
 from tests.embedding import embed
 from tests.helpers import MODEL_PATH, cosine, load_reference
 
@@ -62,7 +62,9 @@ def test_many_words_are_refused_before_tokenizing(engine: Engine) -> None:
     with pytest.raises(TextTooLong) as info:
         engine.tokenize(["short", text])
     assert (info.value.index, info.value.tokens, info.value.exact) == (1, 129, False)
-    assert end_of_word(text, 127) == len("The quick brown fox jumps over the lazy dog. " * 14) + 3
+    # 10 sure pieces a sentence (9 words and its full stop): the 127th ends its 7th word.
+    sentence = "The quick brown fox jumps over the lazy dog. "
+    assert end_of_pieces(text, 127) == len(sentence * 12 + "The quick brown fox jumps over the")
 
 
 # Characters on which the word count and BERT's normaliser could disagree: whitespace of every
@@ -80,19 +82,19 @@ def test_the_word_count_never_exceeds_the_word_pieces(engine: Engine) -> None:
     for _ in range(5_000):
         text = "".join(rng.choice(_NASTY) for _ in range(rng.randint(1, 60)))
         pieces = len(engine.tokenizer.encode(text).ids) - 2
-        assert end_of_word(text, pieces + 1) is None, (text, pieces)  # no more words than that
+        assert end_of_pieces(text, pieces + 1) is None, (text, pieces)  # no more words than that
 
 
 def test_truncating_after_the_word_count_keeps_the_same_pieces() -> None:
     """A long text cut at a word end (truncate=true) gives the pieces of cutting the whole."""
     # 10 pieces: many random texts go over; words counted in every text, however short.
-    small = Engine(MODEL_PATH, max_tokens=12, count_words_after=0)
+    small = Engine(MODEL_PATH, max_tokens=12, count_pieces_after=0)
     rng = random.Random(11)
     cut = 0
     for _ in range(2_000):
         text = "".join(rng.choice(_NASTY) for _ in range(rng.randint(20, 200)))
         whole = small.tokenizer.encode(text).ids
         expected = whole if len(whole) <= 12 else [*whole[:11], whole[-1]]
-        cut += end_of_word(text, 11) is not None
+        cut += end_of_pieces(text, 11) is not None
         assert small.tokenize([text], truncate=True) == [expected], text
     assert cut > 500  # the word count did the cutting often enough to mean something

@@ -24,6 +24,7 @@ async def _scenario(servers) -> None:
         auth=None,
         usage=None,
         quota=None,
+        limits=None,
         cache=None,
         metrics=None,
         pipeline=None,

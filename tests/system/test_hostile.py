@@ -243,6 +243,20 @@ def test_a_million_characters_of_words_is_too_long_by_counting_words(
 
 
 @BOTH
+@pytest.mark.parametrize("unit", ["a", "\u4e2d"], ids=["one-word", "cjk"])
+def test_a_text_of_few_counted_pieces_is_refused_for_its_characters(
+    corpus: Corpus, path: str, unit: str
+) -> None:
+    # One long word ([UNK]) or ideographs (a piece each) with no whitespace: counting pieces
+    # cannot tell, so the text is refused for its length, never tokenized.
+    text = MARK + unit * 300_000
+    response = post(corpus, path, body_with(path, orjson.dumps(text)))
+    error = assert_refused(response, path, 400, "text_too_long")
+    if path == EMBED:
+        assert error["chars"] == len(text) and error["max_tokens"] == 128
+
+
+@BOTH
 def test_a_million_non_ascii_characters_are_over_the_size_limit(corpus: Corpus, path: str) -> None:
     body = body_with(path, orjson.dumps(MARK + "é" * 1_000_000))
     error = assert_refused(post(corpus, path, body), path, 413, "payload_too_large")
@@ -482,7 +496,8 @@ def test_a_valid_key_with_anything_appended_is_refused(corpus: Corpus, path: str
         (b'"MARK \\ud83d\\ude00 ok"', {"Content-Type": "application/json"}),  # a valid pair
         (b'"MARK no content type"', {}),
         (b'"MARK mixed case"', {"Content-Type": "Application/JSON; Charset=UTF-8"}),
-        (b'"MARK' + b"a" * 999_000 + b'"', {"Content-Type": "application/json"}),
+        # One [UNK] token, as in sentence-transformers: a word of over 100 characters.
+        (b'"MARK' + b"a" * 8_000 + b'"', {"Content-Type": "application/json"}),
         # Nothing the tokenizer keeps: embedded as the empty text ([CLS] [SEP]).
         (b'"\\u0000\\u0000\\u0001\\ufffd\\u200b"', {"Content-Type": "application/json"}),
     ],

@@ -67,8 +67,9 @@ def test_embed_truncates_on_request(api: ApiProcess, scale_key: str) -> None:
         # The truncated entry now in the cache must not answer the untruncated request.
         still_refused = client.post("/v1/embed", json={"text": LONG_TEXT, "truncate": False})
     assert refused.status_code == 400 and refused.json()["error"] == "text_too_long"
-    full_count = refused.json()["tokens"]
-    assert full_count > MAX_TOKENS
+    # 3,400 characters: over 8 per token of the limit, so refused by counting its pieces.
+    assert refused.json()["tokens_at_least"] == MAX_TOKENS + 1
+    full_count = len(Tokenizer.from_file(str(MODEL_PATH / "tokenizer.json")).encode(LONG_TEXT))
     assert cut.status_code == 200, cut.text
     body = cut.json()
     assert body["tokens"] == MAX_TOKENS and body["cached"] is False
