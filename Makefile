@@ -155,9 +155,10 @@ endif
 model-int8: install
 	$(PY) build/make_model.py --out $(MODEL_DIR) --quantize int8
 
-# `make bench`: raw ONNX Runtime against the service under wrk, in one run of ~4 minutes
-# (bench/run.py); writes bench/results/<date>.json, latest.md and latest.png. A missed target is
-# reported, not an error. BENCH_ARGS passes options on, e.g. BENCH_ARGS='--only embed-c64'.
+# `make bench`: raw ONNX Runtime against the service under wrk, then a victim under attack, in
+# one run of ~5 minutes (bench/run.py); writes bench/results/<date>.json, latest.md and
+# latest.png. A missed target is reported, not an error. BENCH_ARGS passes options on, e.g.
+# BENCH_ARGS='--only embed-c64' or BENCH_ARGS='--only abuse'.
 BENCH_ARGS ?=
 .PHONY: bench
 

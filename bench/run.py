@@ -12,12 +12,19 @@
 3. The service with the cache warm: /v1/embed on 20 repeated texts at concurrency 16 (and at 1:
    the fixed cost of a request that never reaches the model, for the latency diagnosis), and
    /v1/embeddings with the same 256 texts in every request at concurrency 4 (all hits).
+4. A victim under attack (`--only abuse`; no raw ceiling needed), on a service of its own with
+   the shipped settings and keys of the shipped tiers: a `pro` key sends 4 fresh short texts
+   every 100 ms, alone for 10 s, then for 20 s while a `free` key floods 10 requests/s of 100
+   texts x 10,000 characters (open loop, a connection each) and, 3 s in, another `pro` key sends
+   one request of 2,048 texts, then 3-13 s after. The victim's latency per window, the
+   attackers' answers, the service's RSS growth.
 
-Prints one table with the ratios service / raw ceiling and PASS/MISS per target (a miss is a
-finding, not a failure: the exit status is 0), and writes bench/results/<date>.json,
-bench/results/latest.png and bench/results/latest.md (the table, as in the README).
+Prints the tables, with the ratios service / raw ceiling, and PASS/MISS per target (a miss is
+a finding, not a failure: the exit status is 0), and writes bench/results/<date>.json,
+bench/results/latest.png and bench/results/latest.md (the tables, as in the README).
 
-    .venv/bin/python bench/run.py [--duration 8] [--warmup 2] [--only embed-c64] [--profile NAME]
+    .venv/bin/python bench/run.py [--duration 8] [--warmup 2] [--only embed-c64] [--only abuse]
+                                  [--profile NAME]
 
 --profile NAME records NAME's measured run with py-spy into .cache/bench/profile-NAME.svg
 (and collapsed stacks in .txt). Smally settings in the environment (BATCH_WINDOW_MS=2,
@@ -27,8 +34,10 @@ ORT_THREADS=1, WORKERS=2, ...) reach the service and the raw runs alike and are 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import datetime as dt
+import http.client
 import json
 import os
 import platform
@@ -38,8 +47,10 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -241,7 +252,7 @@ def best_of(passes: list[dict[str, Any]]) -> dict[str, Any]:
 
 class Service:
     """The venv's `api` on embedded PostgreSQL and Redis in a temporary directory (dev/launcher.py),
-    and what the bench asks of it on top: a `scale` key, the backlog drained, /metrics' counters."""
+    and what the bench asks of it on top: keys, the backlog drained, /metrics' counters."""
 
     def __init__(self, workdir: Path) -> None:
         self.workdir = workdir
@@ -249,24 +260,36 @@ class Service:
         self.api: ApiProcess | None = None
         self.key = ""
         self.env: dict[str, str] = {}
+        self.port = 0
 
     def start(self, overrides: dict[str, str]) -> None:
+        """For the throughput scenarios: one `scale` key, without a monthly limit."""
+        self.prepare(overrides)
+        self.env["SCALE_TIER_LIMIT"] = "-1"
+        self.key = self.create_key("x@y.z", "scale")
+        self.launch()
+
+    def prepare(self, overrides: dict[str, str]) -> None:
+        """The embedded servers and the api's environment; keys are created after this, before
+        `launch`."""
         # DATABASE_URL and REDIS_URL are the bench's own (BENCH_OWNED): always embedded servers.
         env = {k: v for k, v in os.environ.items() if k not in SMALLY_VARS}
         env.update(overrides)
         self.env = self.servers.start(env)
-        port = free_port()
+        self.port = free_port()
         self.env.update(
             {
                 "API_HOST": "127.0.0.1",
-                "API_PORT": str(port),
+                "API_PORT": str(self.port),
                 "LOG_LEVEL": "warning",
                 "MODEL_PATH": str(MODEL_DIR),
-                "SCALE_TIER_LIMIT": "-1",
             }
         )
+
+    def create_key(self, email: str, tier: str) -> str:
+        """A new key for the user `email` (created with `tier`), as an operator creates one."""
         created = subprocess.run(
-            [str(BIN / "create_api_key"), "x@y.z", "scale"],
+            [str(BIN / "create_api_key"), email, tier],
             env=self.env,
             cwd=self.workdir,
             capture_output=True,
@@ -275,8 +298,10 @@ class Service:
         )
         if created.returncode != 0:
             raise RuntimeError(f"create_api_key failed: {created.stderr.strip()}")
-        self.key = created.stdout.strip()
-        self.api = ApiProcess(self.env, self.workdir, port=port).start()
+        return created.stdout.strip()
+
+    def launch(self) -> None:
+        self.api = ApiProcess(self.env, self.workdir, port=self.port).start()
         self.api.wait_healthy(60)  # ApiError, with the api's log, if it does not come up
 
     @property
@@ -470,6 +495,380 @@ def summarize_profile(path: Path, seconds: float, top: int = 12) -> dict[str, An
     }
 
 
+# --------------------------------------------------------------------------- victim under attack
+
+ABUSE = "abuse"  # its --only name
+MODEL_NAME = "all-MiniLM-L6-v2"  # the "model" smally.lua sends
+# One customer's client: a small batch of fresh texts, at a steady pace.
+VICTIM_TEXTS = 4
+VICTIM_EVERY_S = 0.1
+# The timeline, in seconds from the victim's first request: alone, then the attack, then a
+# pause for the service to settle before the window that shows whether it recovered.
+ALONE_S = 10.0
+ATTACK_S = 20.0
+SETTLE_S = 3.0
+RECOVERY_S = 10.0
+# The attack: a free key floods with bodies just under the shipped 1 MiB limit, and a pro key
+# sends one request as large as the API allows (2,048 inputs, also just under 1 MiB).
+FLOOD_PER_S = 10
+FLOOD_TEXTS = 100
+FLOOD_CHARS = 10_000
+BIG_BATCH_AT_S = 3.0  # into the attack
+BIG_BATCH_TEXTS = 2048
+BIG_BATCH_CHARS = 480
+CLIENT_TIMEOUT_S = 30.0
+BIG_BATCH_TIMEOUT_S = 60.0
+# The users, each created as an operator would (create_api_key), on the shipped tier limits.
+ABUSE_USERS = {
+    "victim": ("victim@bench.invalid", "pro"),
+    "flood": ("flood@bench.invalid", "free"),
+    "big_batch": ("big-batch@bench.invalid", "pro"),
+}
+# Targets: what the victim may notice of the attack, and what the attack may cost in memory.
+VICTIM_P95_MS = 500.0
+VICTIM_MAX_MS = 1500.0
+RSS_GROWTH_MIB = 200.0
+RECOVERY_P95_RATIO = 1.5  # x the victim's p95 alone, or
+RECOVERY_P95_SLACK_MS = 50.0  # that much over it, whichever is larger
+
+
+@dataclasses.dataclass(frozen=True)
+class Answer:
+    sent: float  # time.monotonic() when the request was sent
+    seconds: float
+    status: str  # the HTTP status, "timeout" or "connection error"
+
+
+def post_embeddings(port: int, key: str, body: bytes, timeout: float) -> Answer:
+    """One POST /v1/embeddings on a connection of its own, as a client that does not pool."""
+    sent = time.monotonic()
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    headers = {"Authorization": f"Bearer {key}", "Content-Type": "application/json"}
+    try:
+        connection.request("POST", "/v1/embeddings", body, headers)
+        response = connection.getresponse()
+        response.read()
+        status = str(response.status)
+    except TimeoutError:
+        status = "timeout"
+    except (OSError, http.client.HTTPException):
+        status = "connection error"
+    finally:
+        connection.close()
+    return Answer(sent, time.monotonic() - sent, status)
+
+
+def embeddings_body(texts: list[str]) -> bytes:
+    return json.dumps({"model": MODEL_NAME, "input": texts}).encode()
+
+
+class OpenLoop:
+    """`count` requests, the i-th sent at `first_at + i * every` (time.monotonic()) whether or not
+    earlier ones were answered, each on a thread of its own: a slow server builds a backlog, as it
+    would with real clients, and a late answer delays no later request."""
+
+    def __init__(
+        self,
+        port: int,
+        key: str,
+        body: Callable[[int], bytes],
+        *,
+        first_at: float,
+        every: float,
+        count: int,
+        timeout: float,
+    ) -> None:
+        self.port, self.key, self.body, self.timeout = port, key, body, timeout
+        self.first_at, self.every, self.count = first_at, every, count
+        self.answers: list[Answer] = []
+        self._lock = threading.Lock()
+        self._senders: list[threading.Thread] = []
+        self._schedule = threading.Thread(target=self._send_on_schedule, daemon=True)
+
+    def start(self) -> OpenLoop:
+        self._schedule.start()
+        return self
+
+    def join(self, deadline: float) -> None:
+        """Wait for the schedule and every answer, until `deadline` at most (each request ends
+        by its own timeout anyway; the threads are daemons)."""
+        self._schedule.join(max(0.0, deadline - time.monotonic()))
+        for sender in list(self._senders):
+            sender.join(max(0.0, deadline - time.monotonic()))
+
+    def _send_on_schedule(self) -> None:
+        for i in range(self.count):
+            time.sleep(max(0.0, self.first_at + i * self.every - time.monotonic()))
+            sender = threading.Thread(target=self._send, args=(i,), daemon=True)
+            self._senders.append(sender)
+            sender.start()
+
+    def _send(self, i: int) -> None:
+        answer = post_embeddings(self.port, self.key, self.body(i), self.timeout)
+        with self._lock:
+            self.answers.append(answer)
+
+
+class AbuseTexts:
+    """Real words from bench/words.txt: short fresh sentences for the victim, long texts for the
+    attackers. All drawn at random (a repeat is vanishingly unlikely), so the cache serves none."""
+
+    def __init__(self, seed: int) -> None:
+        self.vocab = words()
+        self.rng = random.Random(seed)
+        # The flood's texts are these with a request's own prefix: fresh, yet not 1 MB of random
+        # words drawn per request by a bench that shares the service's cores.
+        self.flood_pool = [self.text(FLOOD_CHARS) for _ in range(FLOOD_TEXTS)]
+
+    def text(self, chars: int) -> str:
+        """Random words, cut to exactly `chars` characters."""
+        out = " ".join(self.rng.choices(self.vocab, k=chars // 3))
+        while len(out) < chars:
+            out += " " + " ".join(self.rng.choices(self.vocab, k=chars // 3))
+        return out[:chars]
+
+    def sentence(self) -> str:
+        """6-10 words, like smally.lua's."""
+        return " ".join(self.rng.choices(self.vocab, k=self.rng.randint(6, 10)))
+
+    def victim_bodies(self, count: int) -> list[bytes]:
+        return [
+            embeddings_body([self.sentence() for _ in range(VICTIM_TEXTS)]) for _ in range(count)
+        ]
+
+    def flood_body(self, request: int) -> bytes:
+        texts = []
+        for j, pooled in enumerate(self.flood_pool):
+            prefix = f"{request}.{j} "
+            texts.append(prefix + pooled[len(prefix) :])
+        return embeddings_body(texts)
+
+    def big_batch_body(self) -> bytes:
+        return embeddings_body([self.text(BIG_BATCH_CHARS) for _ in range(BIG_BATCH_TEXTS)])
+
+
+def process_tree(pid: int) -> list[int]:
+    """`pid` and its descendants (hypercorn's worker processes when WORKERS > 1)."""
+    pids = [pid]
+    for parent in pids:  # grows while it is walked: breadth first
+        for task in Path(f"/proc/{parent}/task").glob("*"):
+            with contextlib.suppress(OSError):  # the task ended meanwhile
+                pids.extend(int(child) for child in (task / "children").read_text().split())
+    return pids
+
+
+def rss_mib(pid: int) -> float:
+    """Resident memory (VmRSS) of `pid` and its descendants, in MiB."""
+    kib = 0
+    for each in process_tree(pid):
+        try:
+            status = Path(f"/proc/{each}/status").read_text()
+        except OSError:
+            continue  # ended
+        vm_rss = (line for line in status.splitlines() if line.startswith("VmRSS:"))
+        kib += sum(int(line.split()[1]) for line in vm_rss)
+    return kib / 1024
+
+
+class RssSampler:
+    """The service's RSS every 100 ms, with the time of each, until stopped (or `until`,
+    time.monotonic(), at the latest)."""
+
+    def __init__(self, pid: int, until: float) -> None:
+        self.pid, self.until = pid, until
+        self.samples: list[tuple[float, float]] = []
+        self._stopped = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def start(self) -> RssSampler:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stopped.set()
+        self._thread.join(5)
+
+    def last_before(self, t: float) -> float:
+        return [mib for at, mib in self.samples if at < t][-1]
+
+    def peak_since(self, t: float) -> float:
+        return max(mib for at, mib in self.samples if at >= t)
+
+    def _sample(self) -> None:
+        while time.monotonic() < self.until:
+            self.samples.append((time.monotonic(), rss_mib(self.pid)))
+            if self._stopped.wait(0.1):
+                return
+
+
+def latency_summary(answers: list[Answer]) -> dict[str, Any]:
+    """p50/p95/max in ms over every answer (timeouts included: the client waited that long)."""
+    ms = [a.seconds * 1e3 for a in answers] or [0.0]
+    return {
+        "requests": len(answers),
+        "non_200": sum(a.status != "200" for a in answers),
+        "p50_ms": round(percentile(ms, 50), 1),
+        "p95_ms": round(percentile(ms, 95), 1),
+        "max_ms": round(max(ms), 1),
+    }
+
+
+def status_counts(answers: list[Answer]) -> dict[str, Any]:
+    counts = dict.fromkeys(("200", "400", "429", "503", "other"), 0)
+    other: dict[str, int] = {}
+    for a in answers:
+        if a.status in counts:
+            counts[a.status] += 1
+        else:
+            counts["other"] += 1
+            other[a.status] = other.get(a.status, 0) + 1
+    return {**counts, "other_detail": other}
+
+
+def sent_between(answers: list[Answer], start: float, end: float) -> list[Answer]:
+    return [a for a in answers if start <= a.sent < end]
+
+
+@dataclasses.dataclass(frozen=True)
+class Timeline:
+    """The scenario's moments, in time.monotonic()."""
+
+    origin: float  # the victim's first request
+
+    @property
+    def attack_start(self) -> float:
+        return self.origin + ALONE_S
+
+    @property
+    def attack_end(self) -> float:
+        return self.attack_start + ATTACK_S
+
+    @property
+    def recovery_start(self) -> float:
+        return self.attack_end + SETTLE_S
+
+    @property
+    def recovery_end(self) -> float:
+        return self.recovery_start + RECOVERY_S
+
+
+def measure_abuse(service: Service, keys: dict[str, str]) -> dict[str, Any]:
+    """The victim alone, then under the flood and the big batch, then after them."""
+    texts = AbuseTexts(random.SystemRandom().randrange(1, 10**6))
+    big_batch_body = texts.big_batch_body()
+    victim_count = round((ALONE_S + ATTACK_S + SETTLE_S + RECOVERY_S) / VICTIM_EVERY_S)
+    victim_bodies = texts.victim_bodies(victim_count)
+    for body in texts.victim_bodies(5):  # warm-up: the first requests look the key up, allocate
+        post_embeddings(service.port, keys["victim"], body, CLIENT_TIMEOUT_S)
+    when = Timeline(origin=time.monotonic() + 0.5)
+    # The bench shares the cores with the service: what its own clients cost is recorded.
+    bench_cpu_start = time.process_time()
+    # Until every request has been answered or has timed out, at the latest.
+    answers_deadline = when.recovery_end + BIG_BATCH_TIMEOUT_S
+    rss = RssSampler(service.pid, until=answers_deadline).start()
+    victim = OpenLoop(
+        service.port,
+        keys["victim"],
+        victim_bodies.__getitem__,
+        first_at=when.origin,
+        every=VICTIM_EVERY_S,
+        count=victim_count,
+        timeout=CLIENT_TIMEOUT_S,
+    ).start()
+    flood = OpenLoop(
+        service.port,
+        keys["flood"],
+        texts.flood_body,
+        first_at=when.attack_start,
+        every=1 / FLOOD_PER_S,
+        count=round(ATTACK_S * FLOOD_PER_S),
+        timeout=CLIENT_TIMEOUT_S,
+    ).start()
+    big_batch = OpenLoop(
+        service.port,
+        keys["big_batch"],
+        lambda _: big_batch_body,
+        first_at=when.attack_start + BIG_BATCH_AT_S,
+        every=0,
+        count=1,
+        timeout=BIG_BATCH_TIMEOUT_S,
+    ).start()
+    log(
+        f"abuse: the victim alone for {ALONE_S:.0f} s, under attack for {ATTACK_S:.0f} s, "
+        f"then {SETTLE_S:.0f} + {RECOVERY_S:.0f} s after"
+    )
+    for loop in (victim, flood, big_batch):
+        loop.join(answers_deadline)
+    rss.stop()
+    result = abuse_result(when, victim.answers, flood.answers, big_batch.answers, rss)
+    result["bench_cpu_s"] = round(time.process_time() - bench_cpu_start, 1)
+    result["bench_wall_s"] = round(time.monotonic() - when.origin, 1)
+    return result
+
+
+def abuse_result(
+    when: Timeline,
+    victim: list[Answer],
+    flood: list[Answer],
+    big_batch: list[Answer],
+    rss: RssSampler,
+) -> dict[str, Any]:
+    before = rss.last_before(when.attack_start)
+    peak = rss.peak_since(when.attack_start)  # the attack's requests answered, at the latest
+    big = big_batch[0] if big_batch else Answer(0.0, BIG_BATCH_TIMEOUT_S, "unanswered")
+    return {
+        "victim": {
+            "tier": ABUSE_USERS["victim"][1],
+            "texts_per_request": VICTIM_TEXTS,
+            "every_ms": VICTIM_EVERY_S * 1e3,
+            "alone": latency_summary(sent_between(victim, when.origin, when.attack_start)),
+            "attack": latency_summary(sent_between(victim, when.attack_start, when.attack_end)),
+            "recovery": latency_summary(
+                sent_between(victim, when.recovery_start, when.recovery_end)
+            ),
+        },
+        "flood": {
+            "tier": ABUSE_USERS["flood"][1],
+            "texts_per_request": FLOOD_TEXTS,
+            "chars_per_text": FLOOD_CHARS,
+            "per_s": FLOOD_PER_S,
+            "seconds": ATTACK_S,
+            "answers": status_counts(flood),
+            "latency": latency_summary(flood),
+        },
+        "big_batch": {
+            "tier": ABUSE_USERS["big_batch"][1],
+            "texts": BIG_BATCH_TEXTS,
+            "chars_per_text": BIG_BATCH_CHARS,
+            "at_s": BIG_BATCH_AT_S,
+            "status": big.status,
+            "seconds": round(big.seconds, 2),
+        },
+        "rss_mib": {
+            "before": round(before, 1),
+            "peak": round(peak, 1),
+            "growth": round(peak - before, 1),
+        },
+        "settle_s": SETTLE_S,
+        "recovery_s": RECOVERY_S,
+    }
+
+
+def abuse_pass(overrides: dict[str, str], workdir: Path) -> dict[str, Any]:
+    """The scenario on a service of its own: shipped settings (the operator's overrides aside),
+    a fresh process whose RSS is the attack's alone, and nothing queued from other scenarios."""
+    workdir.mkdir()
+    service = Service(workdir)
+    try:
+        service.prepare(overrides)
+        keys = {role: service.create_key(*user) for role, user in ABUSE_USERS.items()}
+        service.launch()
+        log(f"abuse: service up on {service.url} (pid {service.pid})")
+        return measure_abuse(service, keys)
+    finally:
+        service.stop()
+
+
 # --------------------------------------------------------------------------- report
 
 
@@ -557,7 +956,88 @@ def targets(raw: dict[str, Any], runs: dict[str, dict[str, Any]]) -> list[dict[s
     return out
 
 
+def abuse_targets(abuse: dict[str, Any]) -> list[dict[str, Any]]:
+    victim, rss = abuse["victim"], abuse["rss_mib"]
+    alone_p95 = victim["alone"]["p95_ms"]
+    recovered_p95 = max(RECOVERY_P95_RATIO * alone_p95, alone_p95 + RECOVERY_P95_SLACK_MS)
+    checks = [
+        ("victim p95 during the attack", victim["attack"]["p95_ms"], VICTIM_P95_MS, "ms"),
+        ("victim max during the attack", victim["attack"]["max_ms"], VICTIM_MAX_MS, "ms"),
+        ("service RSS growth under the attack", rss["growth"], RSS_GROWTH_MIB, "MiB"),
+        (
+            f"victim p95 from {SETTLE_S:.0f} s after the attack (alone: {alone_p95} ms; "
+            f"{RECOVERY_P95_RATIO} x that or +{RECOVERY_P95_SLACK_MS:.0f} ms)",
+            victim["recovery"]["p95_ms"],
+            round(recovered_p95, 1),
+            "ms",
+        ),
+    ]
+    return [
+        {
+            "target": f"{what} <= {limit:g} {unit}",
+            "value": value,
+            "ratio": round(value / limit, 3),
+            "pass": value <= limit,
+            "shown": f"{value} {unit}",
+        }
+        for what, value, limit, unit in checks
+    ]
+
+
+def abuse_table(abuse: dict[str, Any]) -> list[str]:
+    victim, flood, big, rss = abuse["victim"], abuse["flood"], abuse["big_batch"], abuse["rss_mib"]
+    lines = [
+        f"Victim under attack: a {victim['tier']} key sends {victim['texts_per_request']} fresh "
+        f"short texts every {victim['every_ms']:.0f} ms; a {flood['tier']} key floods "
+        f"{flood['per_s']} requests/s of {flood['texts_per_request']} x "
+        f"{flood['chars_per_text']:,} characters for {flood['seconds']:.0f} s, and "
+        f"{big['at_s']:.0f} s in, a {big['tier']} key sends one request of {big['texts']:,} x "
+        f"{big['chars_per_text']} characters.",
+        "",
+        "| victim's requests sent | requests | non-200 | p50 ms | p95 ms | max ms |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    windows = {
+        "alone": "alone",
+        "attack": "during the attack",
+        "recovery": f"{abuse['settle_s']:.0f}-{abuse['settle_s'] + abuse['recovery_s']:.0f} s "
+        "after the attack",
+    }
+    for key, label in windows.items():
+        w = victim[key]
+        lines.append(
+            f"| {label} | {w['requests']} | {w['non_200']} | {w['p50_ms']:.1f} "
+            f"| {w['p95_ms']:.1f} | {w['max_ms']:.1f} |"
+        )
+    answers = flood["answers"]
+    other = ", ".join(f"{k}: {v}" for k, v in answers["other_detail"].items())
+    lines += [
+        "",
+        f"Flood answers: {flood['latency']['requests']} sent; "
+        + ", ".join(f"{k}: {answers[k]}" for k in ("200", "400", "429", "503", "other"))
+        + (f" ({other})" if other else "")
+        + f"; p50 {flood['latency']['p50_ms'] / 1e3:.1f} s, max "
+        f"{flood['latency']['max_ms'] / 1e3:.1f} s. Big batch: {big['status']} after "
+        f"{big['seconds']:.1f} s. Service RSS: {rss['before']:.0f} MiB before, "
+        f"{rss['peak']:.0f} MiB at the peak (+{rss['growth']:.0f} MiB). The bench's own "
+        f"clients: {abuse['bench_cpu_s']:.1f} CPU-seconds in {abuse['bench_wall_s']:.0f} s.",
+    ]
+    return lines
+
+
 def table(report: dict[str, Any]) -> str:
+    lines = throughput_table(report) if report.get("service") else []
+    if "abuse" in report:
+        lines += ["", *abuse_table(report["abuse"])] if lines else abuse_table(report["abuse"])
+    lines.append("")
+    for t in report["targets"]:
+        note = f" ({t['note']})" if t.get("note") else ""
+        shown = t.get("shown") or f"ratio {t['ratio']}"
+        lines.append(f"- **{'PASS' if t['pass'] else 'MISS'}** {t['target']}: {shown}{note}")
+    return "\n".join(lines)
+
+
+def throughput_table(report: dict[str, Any]) -> list[str]:
     raw, runs = report["raw"], report["service"]
     fp32 = raw["fp32"]
     ceiling, single = fp32["ceiling_per_s"], fp32["single_p50_ms"]
@@ -589,13 +1069,7 @@ def table(report: dict[str, Any]) -> str:
             f" | {lat['p50']:.2f} | {lat['p95']:.2f} | {lat['p99']:.2f}"
             f" | {run['embeddings_per_s'] / ceiling:.2f} | {vs_latency} |"
         )
-    lines.append("")
-    for t in report["targets"]:
-        note = f" ({t['note']})" if t.get("note") else ""
-        lines.append(
-            f"- **{'PASS' if t['pass'] else 'MISS'}** {t['target']}: ratio {t['ratio']}{note}"
-        )
-    return "\n".join(lines)
+    return lines
 
 
 def chart(report: dict[str, Any], path: Path) -> None:
@@ -678,6 +1152,75 @@ def cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
+def throughput_pass(
+    args: argparse.Namespace,
+    overrides: dict[str, str],
+    scenarios: list[Scenario],
+    workdir: Path,
+) -> dict[str, Any]:
+    """The raw ceiling, then the service under wrk, then the raw ceiling again."""
+    wrk = ensure_wrk()
+    out: dict[str, Any] = {
+        "wrk": subprocess.run([wrk, "-v"], capture_output=True, text=True).stdout.split("\n")[0],
+        "duration_s": args.duration,
+        "warmup_s": args.warmup,
+    }
+    service = Service(workdir)
+    try:
+        service.start(overrides)
+        settings = Settings.from_env(service.env, dotenv=None)
+        out["service_threads"] = settings.onnx_threads
+        log(f"service up on {service.url} (pid {service.pid}); raw ORT runs first")
+        models = {"fp32": MODEL_DIR}
+        if (INT8_DIR / "manifest.json").exists():
+            models["int8"] = INT8_DIR
+        else:
+            log(f"no {INT8_DIR.name} (make model QUANTIZE=int8): int8 skipped")
+        passes = [raw_pass(models, settings, args.raw_seconds)]
+        seed = random.SystemRandom().randrange(1, 10**6)
+        results = []
+        for i, scenario in enumerate(scenarios):
+            result = measure_scenario(
+                wrk,
+                service,
+                scenario,
+                args.duration,
+                args.warmup,
+                seed + 10 * i,
+                scenario.name in args.profile,
+            )
+            results.append(result)
+            log(
+                f"{scenario.label}: {result['requests_per_s']} req/s, "
+                f"{result['embeddings_per_s']} emb/s, p50 {result['latency_ms']['p50']} ms, "
+                f"p99 {result['latency_ms']['p99']} ms, errors {result['errors']}, "
+                f"cache hits {result['cache_hits']}, {result['mean_rows_per_run']} rows/run"
+            )
+        out["service"] = results
+        log("raw ORT again, after the service runs (the ceiling is the better of the two)")
+        passes.append(raw_pass(models, settings, args.raw_seconds))
+    finally:
+        service.stop()
+    out["raw_passes"] = passes
+    out["raw"] = {name: best_of([p[name] for p in passes]) for name in passes[0]}
+    return out
+
+
+def abuse_log(abuse: dict[str, Any]) -> None:
+    victim = abuse["victim"]
+    for window in ("alone", "attack", "recovery"):
+        w = victim[window]
+        log(
+            f"abuse: victim {window}: p50 {w['p50_ms']} ms, p95 {w['p95_ms']} ms, "
+            f"max {w['max_ms']} ms, {w['non_200']} of {w['requests']} not 200"
+        )
+    log(
+        f"abuse: flood answers {abuse['flood']['answers']}; big batch "
+        f"{abuse['big_batch']['status']} in {abuse['big_batch']['seconds']} s; RSS "
+        f"{abuse['rss_mib']}"
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     ap.add_argument("--duration", type=float, default=8.0, help="seconds per scenario")
@@ -687,8 +1230,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--profile", action="append", default=[], help="py-spy these scenarios")
     ap.add_argument("--no-write", action="store_true", help="print only; write no results")
     args = ap.parse_args(argv)
+    unknown = set(args.only or ()) - {s.name for s in SCENARIOS} - {ABUSE}
+    if unknown:
+        ap.error(f"unknown scenario {', '.join(sorted(unknown))}")
 
-    wrk = ensure_wrk()
     started = time.monotonic()
     overrides = {k: v for k, v in os.environ.items() if k in SMALLY_VARS - BENCH_OWNED}
     scenarios = [s for s in SCENARIOS if not args.only or s.name in args.only]
@@ -702,58 +1247,26 @@ def main(argv: list[str] | None = None) -> int:
             "load_before": loadavg(),
         },
         "settings_overrides": overrides,
-        "wrk": subprocess.run([wrk, "-v"], capture_output=True, text=True).stdout.split("\n")[0],
-        "duration_s": args.duration,
-        "warmup_s": args.warmup,
     }
     import onnxruntime
 
     report["onnxruntime"] = onnxruntime.__version__
     log(f"load average {report['machine']['load_before']} before the bench")
 
+    report["targets"] = []
     with tempfile.TemporaryDirectory(prefix="smally-bench-") as tmp:
-        service = Service(Path(tmp))
-        try:
-            service.start(overrides)
-            settings = Settings.from_env(service.env, dotenv=None)
-            report["service_threads"] = settings.onnx_threads
-            log(f"service up on {service.url} (pid {service.pid}); raw ORT runs first")
-            models = {"fp32": MODEL_DIR}
-            if (INT8_DIR / "manifest.json").exists():
-                models["int8"] = INT8_DIR
-            else:
-                log(f"no {INT8_DIR.name} (make model QUANTIZE=int8): int8 skipped")
-            passes = [raw_pass(models, settings, args.raw_seconds)]
-            seed = random.SystemRandom().randrange(1, 10**6)
-            results = []
-            for i, scenario in enumerate(scenarios):
-                result = measure_scenario(
-                    wrk,
-                    service,
-                    scenario,
-                    args.duration,
-                    args.warmup,
-                    seed + 10 * i,
-                    scenario.name in args.profile,
-                )
-                results.append(result)
-                log(
-                    f"{scenario.label}: {result['requests_per_s']} req/s, "
-                    f"{result['embeddings_per_s']} emb/s, p50 {result['latency_ms']['p50']} ms, "
-                    f"p99 {result['latency_ms']['p99']} ms, errors {result['errors']}, "
-                    f"cache hits {result['cache_hits']}, {result['mean_rows_per_run']} rows/run"
-                )
-            report["service"] = results
-            log("raw ORT again, after the service runs (the ceiling is the better of the two)")
-            passes.append(raw_pass(models, settings, args.raw_seconds))
-        finally:
-            service.stop()
-    report["raw_passes"] = passes
-    report["raw"] = {name: best_of([p[name] for p in passes]) for name in passes[0]}
+        # The raw ceiling is measured only for the scenarios that are compared with it.
+        if scenarios:
+            report.update(throughput_pass(args, overrides, scenarios, Path(tmp)))
+            runs = {r["scenario"]: r for r in report["service"]}
+            report["targets"] += targets(report["raw"], runs)
+        if not args.only or ABUSE in args.only:
+            report["abuse"] = abuse_pass(overrides, Path(tmp) / ABUSE)
+            abuse_log(report["abuse"])
+            report["targets"] += abuse_targets(report["abuse"])
 
     report["machine"]["load_after"] = loadavg()
     report["elapsed_s"] = round(time.monotonic() - started, 1)
-    report["targets"] = targets(report["raw"], {r["scenario"]: r for r in report["service"]})
     text = table(report)
     print(text)
     print(
@@ -761,16 +1274,23 @@ def main(argv: list[str] | None = None) -> int:
         f"{report['machine']['load_after']} after; {report['elapsed_s']} s"
     )
     if not args.no_write:
-        RESULTS.mkdir(parents=True, exist_ok=True)
-        out = RESULTS / f"{report['date']}.json"
-        out.write_text(json.dumps(report, indent=2) + "\n")
-        (RESULTS / "latest.md").write_text(text + "\n")
+        write_results(report, text)
+    return 0
+
+
+def write_results(report: dict[str, Any], text: str) -> None:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    out = RESULTS / f"{report['date']}.json"
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    (RESULTS / "latest.md").write_text(text + "\n")
+    written = "latest.md"
+    if report.get("service"):  # the chart is the throughput scenarios'
         try:
             chart(report, RESULTS / "latest.png")
+            written += ", latest.png"
         except ImportError:
             log("matplotlib is missing (pip install -e '.[bench]'): no chart")
-        log(f"wrote {out.relative_to(REPO)}, latest.md, latest.png")
-    return 0
+    log(f"wrote {out.relative_to(REPO)}, {written}")
 
 
 if __name__ == "__main__":
