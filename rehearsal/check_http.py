@@ -4,12 +4,14 @@
         --ca cert.pem [--key sk_...] [--reference ref.json]
 
 CHECK is one of:
-  health     /health through nginx (HTTPS) answers 200 with status "healthy"
+  health     /health through nginx (HTTPS) answers 200 with {"status": "healthy"} alone: the
+             build and the stores are for callers on the server itself
   embed      /v1/embed through nginx returns every reference vector (cosine >= 0.99999) and its
              token count
   key-ok     the key is accepted (200); key-refused: the key is refused (401)
   headers    the security headers, HSTS included, are on the answers
-  burst      a burst beyond the limit_req rate on /v1/ gets 429 from nginx
+  burst      a burst beyond the limit_req rate on /v1/ gets 429 from nginx, each as JSON
+             ("rate_limited") with Retry-After
   metrics    /metrics through nginx from outside the machine is refused (403)
   http       port 80 redirects to HTTPS, and serves ACME challenges (--acme-token NAME:CONTENT)
   quota      --count requests at once (--parallel), each a different text, with --key: prints
@@ -18,7 +20,9 @@ CHECK is one of:
              --rate requests/s in all (under nginx's limit_req); every answer but a 200, and
              every connection error, is a failure. Prints "<n> requests, <f> failed, slowest
              <s> s, releases <names>" (the releases /health named meanwhile, in the order
-             first seen); exit 1 if f > 0
+             first seen, as read by each --release-command: a command that prints the
+             service's /health answers one a line, read on its own machine, since through
+             nginx /health names no release); exit 1 if f > 0
 Exit status 0 when the check passes; one line says what was seen.
 """
 
@@ -29,7 +33,9 @@ import concurrent.futures
 import json
 import math
 import os
+import shlex
 import ssl
+import subprocess
 import sys
 import threading
 import time
@@ -106,10 +112,10 @@ def ok(message: str) -> int:
 
 def check_health(args: argparse.Namespace) -> int:
     answer = request(f"{args.https}/health", args.ca)
-    status = answer.json().get("status") if answer.status in (200, 503) else None
-    if answer.status != 200 or status != "healthy":
+    body = answer.json() if answer.status in (200, 503) else None
+    if answer.status != 200 or body != {"status": "healthy"}:
         return fail(f"/health through nginx: {answer.status} {answer.body[:200]!r}")
-    return ok(f"/health through nginx (HTTPS, certificate verified): 200 {status}")
+    return ok(f"/health through nginx (HTTPS, certificate verified): 200 {body}, no build")
 
 
 def check_embed(args: argparse.Namespace) -> int:
@@ -161,17 +167,36 @@ def check_headers(args: argparse.Namespace) -> int:
 
 
 def check_burst(args: argparse.Namespace) -> int:
-    def one(_: int) -> int:
-        return request(f"{args.https}/v1/embed", args.ca, data={"text": "burst"}).status
+    def one(_: int) -> Answer:
+        return request(f"{args.https}/v1/embed", args.ca, data={"text": "burst"})
 
     with concurrent.futures.ThreadPoolExecutor(max_workers=args.parallel) as pool:
-        statuses = list(pool.map(one, range(args.count)))
+        answers = list(pool.map(one, range(args.count)))
+    statuses = [answer.status for answer in answers]
     counts = {status: statuses.count(status) for status in sorted(set(statuses))}
     limited = counts.get(429, 0) + counts.get(503, 0)
     # Without a key the application answers 401: those requests got through nginx's limit.
     if limited == 0 or counts.get(401, 0) == 0:
         return fail(f"burst of {args.count} on /v1/: {counts}")
-    return ok(f"burst of {args.count} on /v1/: {counts} (limit_req at work)")
+    for answer in answers:
+        if answer.status == 429 and not edge_rate_limited(answer):
+            headers = dict(answer.headers.items())
+            return fail(f"nginx's 429 on /v1/: {answer.body[:200]!r} {headers}")
+    return ok(f"burst of {args.count} on /v1/: {counts} (limit_req at work; its 429s JSON)")
+
+
+def edge_rate_limited(answer: Answer) -> bool:
+    """nginx's own 429: JSON in the service's envelope, code rate_limited, with Retry-After."""
+    try:
+        body = answer.json()
+    except ValueError:
+        return False
+    return (
+        answer.headers.get("Content-Type") == "application/json"
+        and isinstance(body, dict)
+        and body.get("error") == "rate_limited"
+        and bool(answer.headers.get("Retry-After"))
+    )
 
 
 def check_quota(args: argparse.Namespace) -> int:
@@ -241,22 +266,38 @@ def check_load(args: argparse.Namespace) -> int:
                     failures.append(f"{time.strftime('%H:%M:%S')} {failed}")
             time.sleep(max(0.0, interval - elapsed))
 
-    def watch_releases() -> None:  # which release serves, as /health says, over the window
-        while not os.path.exists(args.stop_file):
+    def watch_releases(watcher: subprocess.Popen[str]) -> None:  # which release serves
+        assert watcher.stdout is not None
+        for line in watcher.stdout:  # until the watcher is stopped below
             try:
-                release = request(f"{args.https}/health", args.ca).json()["build"]["release"]
+                release = json.loads(line)["build"]["release"]
+            except (ValueError, KeyError, TypeError):
+                continue  # no answer this time: a failure is the load's to count, not the watcher's
+            with lock:
                 if release not in releases:  # behind several hosts, both alternate
                     releases.append(release)
-            except (OSError, ValueError, KeyError):
-                pass  # a failure is the load's to count, not the watcher's
-            time.sleep(1)
 
+    watchers = [
+        subprocess.Popen(
+            shlex.split(command),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+        )
+        for command in args.release_command
+    ]
     threads = [threading.Thread(target=worker, args=(i,)) for i in range(args.workers)]
-    threads.append(threading.Thread(target=watch_releases))
-    for thread in threads:
+    readers = [threading.Thread(target=watch_releases, args=(w,), daemon=True) for w in watchers]
+    for thread in threads + readers:
         thread.start()
     for thread in threads:
         thread.join()
+    for watcher in watchers:  # its output ends: the reader ends
+        watcher.kill()
+        watcher.wait()
+    for reader in readers:
+        reader.join(10)
     for line in failures[:20]:
         print(f"  failed: {line}")
     summary = (
@@ -294,6 +335,12 @@ def main() -> int:
     parser.add_argument("--workers", type=int, default=4)
     parser.add_argument("--rate", type=float, default=8.0, help="requests/s, all workers")
     parser.add_argument("--stop-file", help="load: stop once this file exists")
+    parser.add_argument(
+        "--release-command",
+        action="append",
+        default=[],
+        help="load: a command printing /health answers, one a line (repeatable)",
+    )
     args = parser.parse_args()
     checks = {
         "health": check_health,

@@ -126,7 +126,9 @@ stage_dist
 # ansible/inventory/hosts.example.yml on api1 and cluster.example.yml on the three machines (one
 # address each: public and private are the same), with the rehearsal's own settings: its SSH
 # key, its certificate, a free tier of $FREE_LIMIT, and nginx's per-address limits opened up
-# (all the load comes from one address).
+# (all the load comes from one address). The free tier's per-minute limits are off: the quota
+# stage proves the monthly quota exact under 300 requests at once, which a limit of 60 requests
+# a minute would refuse first.
 SINGLE="$RUN/inventory/single.yml"
 CLUSTER="$RUN/inventory/hosts.yml"
 for example in hosts:"$SINGLE" cluster:"$CLUSTER"; do
@@ -143,7 +145,7 @@ for example in hosts:"$SINGLE" cluster:"$CLUSTER"; do
         smally_rate_limit: 2000r/s
         smally_rate_burst: 2000
         smally_conn_limit: 2000
-        smally_extra_env: {FREE_TIER_LIMIT: "$FREE_LIMIT"}
+        smally_extra_env: {FREE_TIER_LIMIT: "$FREE_LIMIT", FREE_TIER_RPM: "-1", FREE_TIER_TPM: "-1"}
 VARS
 done
 sed -i "s/ansible_host: $EDGE/ansible_host: $API1/" "$SINGLE" # the single server is api1
@@ -278,6 +280,13 @@ end
 # The load (stages.sh under_load) as its own user, 20 requests/s: its 200s must be in the ledger.
 LOAD_KEY=$(create_key load@rehearsal.test scale)
 LOAD_RATE=20
+# The releases that serve meanwhile, as each API host's own /health names them (through the
+# edge /health names none): one ssh session per host, printing it every second.
+for address in $API1 $API2; do
+    LOAD_RELEASE_ARGS+=(--release-command "$(printf '%q ' ssh -F /dev/null -o BatchMode=yes -o ConnectTimeout=10 \
+        -o LogLevel=ERROR -o UserKnownHostsFile="$RUN/known_hosts" -o StrictHostKeyChecking=yes -i "$RUN/id_ed25519" \
+        "admin@$address" -- "while sleep 1; do curl -sS --max-time 5 http://$address:8000/health; echo; done")")
+done
 
 begin rolling "a new build (release B) deployed host by host under steady load"
 make -C "$REPO" --no-print-directory build >"$RUN/build-b.log" 2>&1 || { tail -n 30 "$RUN/build-b.log" >&2; die "make build (B) failed"; }

@@ -11,8 +11,9 @@
 #   build      make build (x86_64), while the VM boots
 #   boot       waiting for the VM's SSH
 #   deploy     make deploy: ansible/site.yml with a test inventory and vault; must end failed=0
-#   checks     from the host, through nginx: health, create-key over ssh, the reference vectors,
-#              security headers, limit_req, /metrics refused; port 80, ACME; make health
+#   checks     from the host, through nginx: health (the status alone, no build), create-key
+#              over ssh, the reference vectors, security headers, limit_req (its 429s JSON with
+#              Retry-After), /metrics refused; port 80, ACME; make health
 #   redeploy   the playbook again: changed=0
 #   restart    make restart under steady load through nginx (check_http.py load): no request
 #              fails; keys and data survive, health comes back; make logs shows them
@@ -20,7 +21,8 @@
 #              deploy): the old one refused, the service healthy
 #   build-b    a second build of the tree (release B: same commit, a later build time)
 #   releases   under steady load each: make deploy of B, then make rollback to A; no request
-#              fails, /health names the release; make releases lists both, marks the serving one
+#              fails, the VM's own /health names the release; make releases lists both, marks
+#              the serving one
 #   operate    docs/operations.md's commands: make api (keys list/revoke, usage, migrate --status,
 #              --rollback), the troubleshooting commands on the healthy server, certbot renew
 #   restore    make backup, a new key, restore.sh --yes: the new key is gone, the old one works
@@ -276,10 +278,16 @@ load_ledger() {
     vm_ssh "sudo -u postgres psql -d smally -Atc \"SELECT coalesce(sum(u.embeddings_count), 0) FROM usage u
         JOIN users s ON s.id = u.user_id WHERE s.email = '$LOAD_EMAIL'\""
 }
-serving_release() { # the release /health names through nginx
-    curl -sS --cacert "$RUN/tls/fullchain.pem" "https://127.0.0.1:$HTTPS_PORT/health" |
+# The service names its release to callers on its own machine only (through nginx /health is the
+# status alone): read on the VM, over ssh.
+serving_release() { # the release the VM's /health names
+    vm_ssh 'curl -sS http://127.0.0.1:8000/health' |
         "$HOST_PY" -c 'import json, sys; print(json.load(sys.stdin)["build"]["release"])'
 }
+# For the load (stages.sh under_load): one ssh session printing the VM's /health every second.
+LOAD_RELEASE_ARGS=(--release-command "$(printf '%q ' ssh -F /dev/null -o BatchMode=yes -o ConnectTimeout=10 \
+    -o LogLevel=ERROR -o UserKnownHostsFile="$RUN/known_hosts" -o StrictHostKeyChecking=yes -i "$RUN/id_ed25519" \
+    -p "$SSH_PORT" admin@127.0.0.1 -- 'while sleep 1; do curl -sS --max-time 5 http://127.0.0.1:8000/health; echo; done')")
 
 begin checks "health, keys, reference vectors, headers, limits, /metrics, port 80"
 check health

@@ -52,13 +52,15 @@ install_tools() {
 # POSTs /v1/embed through nginx with LOAD_KEY (4 clients, LOAD_RATE requests/s in all; `check`
 # is the sourcing script's), from 5 s before to 5 s after; sets LOAD (the load's summary line),
 # adds its 200s to LOAD_200S, and fails the rehearsal if COMMAND or a request fails.
-LOAD="" LOAD_STOP="" LOAD_200S=0
+# LOAD_RELEASE_ARGS (the sourcing script's, may stay empty): --release-command arguments, which
+# let the load name the releases that served (through nginx /health names none).
+LOAD="" LOAD_STOP="" LOAD_200S=0 LOAD_RELEASE_ARGS=()
 under_load() {
     local name=$1 stop="$RUN/$1.load-stop" out="$RUN/$1.load" pid status=0 requests failed
     shift
     rm -f "$stop"
     LOAD_STOP=$stop
-    check load --key "$LOAD_KEY" --workers 4 --rate "$LOAD_RATE" --stop-file "$stop" >"$out" 2>&1 &
+    check load --key "$LOAD_KEY" --workers 4 --rate "$LOAD_RATE" --stop-file "$stop" "${LOAD_RELEASE_ARGS[@]}" >"$out" 2>&1 &
     pid=$!
     sleep 5
     "$@" >"$RUN/$name.out" 2>&1 || status=$?

@@ -38,6 +38,7 @@ check() { # check NAME DETAIL COMMAND...: pass when COMMAND succeeds
     shift 2
     if "$@" >/dev/null 2>&1; then report pass "$name" "$detail"; else report fail "$name" "$detail"; fi
 }
+# The status is all /health says through nginx; directly, from this machine, it says more.
 health_status() { # the "status" of a /health answer, or "unreachable"
     local body
     body=$(curl -sS -k -L --max-time 10 "$1" 2>/dev/null) || { echo unreachable; return; }

@@ -12,7 +12,8 @@
 # app/buildinfo.py release_name). `rollback` without RELEASE goes to the newest release built
 # before the serving one; it switches `current`, restarts the service (smally.socket keeps
 # the listening socket, so no request is refused meanwhile) and waits until /health names the
-# release. `prune` removes all but the KEEP newest, never the serving one.
+# release: the service names it to a caller on its own machine only (127.0.0.1, or on a cluster's
+# API host SMALLY_HEALTH_URL with its own private address), never through nginx. `prune` removes all but the KEEP newest, never the serving one.
 set -euo pipefail
 # shellcheck source=common.sh
 . "$(dirname "${BASH_SOURCE[0]}")/common.sh"

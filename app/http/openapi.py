@@ -186,6 +186,10 @@ def _health_operation() -> dict[str, Any]:
     return {
         "operationId": "health",
         "summary": "Service health (for load balancers and monitoring)",
+        "description": "`status` for everyone. The version, model, each store's check and the "
+        "build only for a caller on the service's own machine (a loopback peer, or the address "
+        "it was reached on) that sends no X-Real-IP, X-Forwarded-For or Forwarded header: "
+        "through nginx, the status alone.",
         "tags": ["service"],
         "security": [],
         "responses": {
@@ -429,7 +433,7 @@ def _schemas(model: str, dimension: int) -> dict[str, Any]:
         },
         "Health": {
             "type": "object",
-            "required": ["status", "version", "model", "checks"],
+            "required": ["status"],
             "properties": {
                 "status": {"enum": ["healthy", "degraded", "unhealthy"]},
                 "version": {"type": "string"},

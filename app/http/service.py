@@ -6,6 +6,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from app.http.callers import is_local_caller
 from app.http.endpoint import endpoint
 from app.http.errors import Dialect
 from app.http.requests import MAX_INPUTS
@@ -23,7 +24,7 @@ async def index(request: Request) -> Response:
             "model": services.model.manifest.name,
             "endpoints": {
                 "POST /v1/embed": "embed one text (Authorization: Bearer <key>)",
-                "GET /health": "service health",
+                "GET /health": "service health (build and stores: on its own machine only)",
                 "POST /v1/embeddings": "OpenAI-compatible embeddings "
                 f"(one text or up to {MAX_INPUTS})",
                 "GET /v1/models": "the served model (OpenAI-compatible)",
@@ -37,6 +38,10 @@ async def index(request: Request) -> Response:
 async def health(request: Request) -> Response:
     services: Services = request.app.state.services
     status, body = await services.health()
+    if not is_local_caller(request.scope):
+        # The build and each store's state are for the operator on the machine; anyone else
+        # (through nginx: everyone) learns whether the service can serve, and the same status.
+        body = {"status": body["status"]}
     return JSONResponse(body, status_code=status)
 
 

@@ -80,6 +80,23 @@ def test_health_is_200_healthy(service: InProcess) -> None:
     assert_request_id(response)
 
 
+def test_health_names_the_build_and_stores_to_local_callers_only(service: InProcess) -> None:
+    local = service.request("GET", "/health")  # the transport's peer is 127.0.0.1
+    assert set(local.json()) >= {"status", "version", "model", "checks", "build"}, local.text
+    forwarded = service.request("GET", "/health", headers={"X-Forwarded-For": "203.0.113.7"})
+    remote = httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=service.app, client=("203.0.113.7", 40000)),
+        base_url="http://smally.test",
+    )
+    try:
+        elsewhere = service.runner.run(remote.get("/health"))
+    finally:
+        service.runner.run(remote.aclose())
+    for anonymous in (forwarded, elsewhere):
+        assert anonymous.status_code == local.status_code == 200
+        assert anonymous.json() == {"status": "healthy"}, anonymous.text
+
+
 def test_embed_answers_the_reference_vector_with_quota_headers(service: InProcess) -> None:
     case = load_reference()["cases"][0]
     response = service.request("POST", "/v1/embed", key=service.key, json={"text": case["text"]})
