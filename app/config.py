@@ -329,7 +329,7 @@ class Settings:
         1.0, parse=number(0.0, 100.0), doc="milliseconds a run may wait for late-comers"
     )
     max_batch_tokens: int = setting(
-        2_048, parse=integer(128, 10**6), doc="padded tokens in one forward pass"
+        1_024, parse=integer(128, 10**6), doc="padded tokens in one forward pass"
     )
     max_queue_tokens: int = setting(
         1_048_576, parse=integer(128, 10**8), doc="tokens waiting before new work gets 503"

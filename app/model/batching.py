@@ -4,7 +4,8 @@ request waits for another customer's large one.
 A queue in front of the engine, with a line of jobs per owner (the customer). The engine runs
 one forward pass at a time; each pass is filled round-robin across the owners with work
 waiting, every owner taking an equal share of its rows (a job's rows in length order, so they
-pad little), up to `pass_rows` rows and `max_batch_tokens` padded tokens. A large job is thus
+pad little), up to `pass_rows` rows and `max_batch_tokens` padded tokens, and rows of much
+different lengths in passes of their own. A large job is thus
 cut into passes, and every other owner's rows run between them: a request waits for at most the
 pass in flight and the passes of the owners ahead of it, never for the rest of a large job.
 
@@ -30,6 +31,10 @@ import numpy as np
 from app.model.engine import l2_normalize
 
 RunRows = Callable[[Sequence[Sequence[int]]], np.ndarray]
+
+# A row more than twice as long as a pass's longest (and this many tokens) starts the next pass:
+# short requests are not padded to a long one's length, nor wait for its pass.
+_PAD_SLACK = 16
 
 
 class QueueFull(Exception):
@@ -75,7 +80,7 @@ class BatchingQueue:
         executor: Executor,
         *,
         window: float = 0.001,
-        max_batch_tokens: int = 2_048,
+        max_batch_tokens: int = 1_024,
         max_queue_tokens: int = 1_048_576,
         max_owner_tokens: int = 262_144,
         pass_rows: int = 64,
@@ -86,8 +91,8 @@ class BatchingQueue:
         self.executor = executor
         self.window = window
         # Padded tokens (rows x the longest) per pass: raw ORT on 2 cores is fastest at
-        # 512-2,048 of them (`make bench`), and a pass of 2,048 takes ~0.15 s, the most another
-        # owner's request waits for the pass in flight.
+        # 512-2,048 of them, and a pass of 1,024 takes ~65 ms: the most another owner's request
+        # waits for the pass in flight.
         self.max_batch_tokens = max_batch_tokens
         self.max_queue_tokens = max_queue_tokens
         self.max_owner_tokens = max_owner_tokens
@@ -216,6 +221,7 @@ class BatchingQueue:
             if batch.rows and (
                 len(batch.rows) >= self.pass_rows
                 or longest * (len(batch.rows) + 1) > self.max_batch_tokens
+                or length > 2 * batch.longest + _PAD_SLACK
             ):
                 full = True
                 break

@@ -38,7 +38,7 @@ class EngineRunner:
         engine: Engine,
         *,
         window: float = 0.001,
-        max_batch_tokens: int = 2_048,
+        max_batch_tokens: int = 1_024,
         max_queue_tokens: int = 1_048_576,
         max_owner_tokens: int = 262_144,
         max_tokenize_chars: int = 2_000_000,
