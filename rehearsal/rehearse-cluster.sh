@@ -10,7 +10,9 @@
 #
 # Stages: tools, machines, build, deploy (twice: the second changed=0), network (what each host
 # admits), quota (300 concurrent requests of a free user with limit 100 through the edge: exactly
-# 100 200s and 200 429s, served by both API hosts, the ledger 100), rolling (a new build deployed
+# 100 200s and 200 429s, served by both API hosts, the ledger 100), per-minute (300 concurrent
+# requests of a pro user with a limit of 100 a minute: 100 200s and what the burst's duration
+# adds, by both hosts, the ledger equal), rolling (a new build deployed
 # host by host under steady load), host-down (`make host-down HOST=api1` under steady load: the
 # edge drains it, then its socket and service stop; then `make host-up HOST=api1`: it starts,
 # passes /health and serves again), ledger (the usage rows equal the load's 200s), backup (`make
@@ -33,6 +35,7 @@ EDGE=10.77.0.10
 API1=10.77.0.11
 API2=10.77.0.12
 FREE_LIMIT=100
+PRO_RPM=100
 
 LOG_NAME=rehearse-cluster
 # shellcheck source=stages.sh
@@ -145,7 +148,7 @@ for example in hosts:"$SINGLE" cluster:"$CLUSTER"; do
         smally_rate_limit: 2000r/s
         smally_rate_burst: 2000
         smally_conn_limit: 2000
-        smally_extra_env: {FREE_TIER_LIMIT: "$FREE_LIMIT", FREE_TIER_RPM: "-1", FREE_TIER_TPM: "-1"}
+        smally_extra_env: {FREE_TIER_LIMIT: "$FREE_LIMIT", FREE_TIER_RPM: "-1", FREE_TIER_TPM: "-1", PRO_TIER_RPM: "$PRO_RPM"}
 VARS
 done
 sed -i "s/ansible_host: $EDGE/ansible_host: $API1/" "$SINGLE" # the single server is api1
@@ -275,6 +278,27 @@ quota_ledger=$(wait_ledger quota@rehearsal.test "$FREE_LIMIT")
 log "cluster quota: 200s=$ok200 429s=$ok429 hosts_serving=$hosts_serving ledger=$quota_ledger"
 [ "$ok200" == "$FREE_LIMIT" ] && [ "$ok429" == $((300 - FREE_LIMIT)) ] && [ "$hosts_serving" == 2 ] &&
     [ "$quota_ledger" == "$FREE_LIMIT" ] || die "the quota is not exact across the API hosts"
+end
+
+begin per-minute "300 concurrent requests of a pro user (limit $PRO_RPM a minute) through the edge"
+# A GCRA: $PRO_RPM at once, then one every 60 / $PRO_RPM s while the burst lasts. Exact across the
+# API hosts: the 200s are at least the limit and at most what the burst's duration adds to it.
+RATE_KEY=$(create_key rate@rehearsal.test pro)
+before1=$(served $API1)
+before2=$(served $API2)
+started=$(date +%s%N)
+check quota --key "$RATE_KEY" --count 300 --parallel 300 >"$RUN/rate.out" 2>&1 || { cat "$RUN/rate.out" >&2; die "per-minute check"; }
+elapsed_ms=$((($(date +%s%N) - started) / 1000000))
+read -r rate200 rate429 < <(sed -n 's/^ok *200s=\([0-9]*\) 429s=\([0-9]*\) other=0$/\1 \2/p' "$RUN/rate.out")
+most=$((PRO_RPM + elapsed_ms * PRO_RPM / 60000 + 1))
+hosts_serving=0
+[ "$(served $API1)" -gt "$before1" ] && hosts_serving=$((hosts_serving + 1))
+[ "$(served $API2)" -gt "$before2" ] && hosts_serving=$((hosts_serving + 1))
+rate_ledger=$(wait_ledger rate@rehearsal.test "$rate200")
+log "cluster per-minute limit: 200s=$rate200 (allowed $PRO_RPM..$most in ${elapsed_ms} ms) 429s=$rate429 hosts_serving=$hosts_serving ledger=$rate_ledger"
+[ "$rate200" -ge "$PRO_RPM" ] && [ "$rate200" -le "$most" ] && [ $((rate200 + rate429)) == 300 ] &&
+    [ "$hosts_serving" == 2 ] && [ "$rate_ledger" == "$rate200" ] ||
+    die "the per-minute limit is not exact across the API hosts"
 end
 
 # The load (stages.sh under_load) as its own user, 20 requests/s: its 200s must be in the ledger.
