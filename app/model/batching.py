@@ -1,13 +1,14 @@
 """Dynamic, fair batching: requests that arrive together are embedded together, and no customer's
 request waits for another customer's large one.
 
-A queue in front of the engine, with a line of jobs per owner (the customer). The engine runs
-one forward pass at a time; each pass is filled round-robin across the owners with work
-waiting, every owner taking an equal share of its rows (a job's rows in length order, so they
-pad little), up to `pass_rows` rows and `max_batch_tokens` padded tokens, and rows of much
-different lengths in passes of their own. A large job is thus
-cut into passes, and every other owner's rows run between them: a request waits for at most the
-pass in flight and the passes of the owners ahead of it, never for the rest of a large job.
+A queue in front of the engine, with a line of jobs per owner (the customer). Each forward pass
+is filled round-robin across the owners with work waiting, every owner taking an equal share of
+its rows (a job's rows in length order, so they pad little), up to `pass_rows` rows and
+`max_batch_tokens` padded tokens, rows of much different lengths in passes of their own. A large
+job is thus cut into passes, and every other owner's rows run between them: a request waits for
+at most the two passes handed to the engine (the one running and the next, formed meanwhile so
+that the engine never waits for the event loop) and its share of the next, never for the rest
+of a large job.
 
 When the engine is idle a lone request runs at once; when several wait, late-comers get at most
 `window` seconds to join the pass. The queue is bounded in tokens, in all (`max_queue_tokens`:
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import heapq
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable, Hashable, Sequence
@@ -32,6 +34,12 @@ from app.model.engine import l2_normalize
 
 RunRows = Callable[[Sequence[Sequence[int]]], np.ndarray]
 
+# An owner's rows in a pass come from its first this many jobs, shortest first; a job passed
+# over in this many of its owner's passes in a row goes first.
+_MERGE_JOBS = 16
+_MAX_SKIPS = 4
+# Passes handed to the engine's thread at once: the one running and the next, formed meanwhile.
+_PASSES_AHEAD = 2
 # A row more than twice as long as a pass's longest (and this many tokens) starts the next pass:
 # short requests are not padded to a long one's length, nor wait for its pass.
 _PAD_SLACK = 16
@@ -58,6 +66,7 @@ class _Job:
     future: asyncio.Future[np.ndarray] = field(repr=False)
     order: list[int] = field(default_factory=list)  # row indices, shortest first
     taken: int = 0  # rows handed to passes so far
+    skipped: int = 0  # passes in a row of its owner that took none of its rows
     done: int = 0  # rows whose vectors are back
     vectors: np.ndarray | None = field(default=None, repr=False)
 
@@ -168,33 +177,53 @@ class BatchingQueue:
         return sum(len(line) for line in self._lines.values())
 
     async def _work(self) -> None:
+        """Keeps the engine's thread fed: the next pass is handed to it while one runs, so it
+        goes from pass to pass without waiting for the event loop in between."""
         loop = asyncio.get_running_loop()
+        running: deque[tuple[_Pass, asyncio.Future[np.ndarray]]] = deque()
         while True:
-            while not self._lines:
-                self._arrived.clear()
+            if len(running) < _PASSES_AHEAD and self._lines:
+                if not running and self.window > 0 and self.waiting() > 1:
+                    # Under load: others are arriving, let the next few join this pass.
+                    await asyncio.sleep(self.window)
+                batch = self._next_pass()
+                if batch.rows:
+                    running.append((batch, loop.run_in_executor(self.executor, self._run, batch)))
+                continue
+            self._arrived.clear()
+            if not running:
                 await self._arrived.wait()
-            if self.window > 0 and self.waiting() > 1:
-                # Under load: others are arriving, let the next few join this pass.
-                await asyncio.sleep(self.window)
-            batch = self._next_pass()
-            if not batch.rows:
                 continue
-            try:
-                vectors = await loop.run_in_executor(self.executor, self._run, batch)
-            except Exception as exc:
-                for job, _ in batch.slots:
-                    if not job.future.done():
-                        job.future.set_exception(exc)
+            batch, done = running[0]
+            if len(running) < _PASSES_AHEAD:
+                # The pass's end, or new work to form the next pass from, whichever comes first.
+                arrival = asyncio.ensure_future(self._arrived.wait())
+                await asyncio.wait({done, arrival}, return_when=asyncio.FIRST_COMPLETED)
+                arrival.cancel()
+            else:
+                await asyncio.wait({done})
+            if done.done():
+                running.popleft()
+                self._deliver(batch, done)
+
+    def _deliver(self, batch: _Pass, done: asyncio.Future[np.ndarray]) -> None:
+        """A pass's vectors to their jobs; a job is answered once all its rows are back."""
+        try:
+            vectors = done.result()
+        except Exception as exc:
+            for job, _ in batch.slots:
+                if not job.future.done():
+                    job.future.set_exception(exc)
+            return
+        for (job, index), vector in zip(batch.slots, vectors, strict=True):
+            if job.future.done():
                 continue
-            for (job, index), vector in zip(batch.slots, vectors, strict=True):
-                if job.future.done():
-                    continue
-                if job.vectors is None:
-                    job.vectors = np.empty((len(job.rows), vector.shape[0]), dtype=np.float32)
-                job.vectors[index] = vector
-                job.done += 1
-                if job.done == len(job.rows):
-                    job.future.set_result(job.vectors)
+            if job.vectors is None:
+                job.vectors = np.empty((len(job.rows), vector.shape[0]), dtype=np.float32)
+            job.vectors[index] = vector
+            job.done += 1
+            if job.done == len(job.rows):
+                job.future.set_result(job.vectors)
 
     def _next_pass(self) -> _Pass:
         """Rows for one pass, round-robin across owners, each taking an equal share."""
@@ -209,14 +238,24 @@ class BatchingQueue:
 
     def _take(self, owner: Hashable, share: int, batch: _Pass) -> bool:
         """Up to `share` of the owner's rows into the pass; False once the pass is full. The
-        owner goes to the back of the round-robin order."""
+        owner goes to the back of the round-robin order.
+
+        The shortest rows of the owner's first few jobs, so that a pass pads little even when
+        each job is small (a job's rows are taken in length order, always); a job passed over
+        in a few passes in a row has its next row taken first, so none waits for long."""
         line = self._lines.pop(owner)
+        window = [job for _, job in zip(range(_MERGE_JOBS), line, strict=False)]
+        # Passed over too often: first, whatever its length (the smaller key).
+        shortest = [
+            (0 if job.skipped >= _MAX_SKIPS else 1, len(job.rows[job.order[job.taken]]), n, job)
+            for n, job in enumerate(window)
+        ]
+        heapq.heapify(shortest)
+        served: set[int] = set()
         full = False
         taken = 0
-        while line and taken < share:
-            job = line[0]
-            index = job.order[job.taken]
-            length = len(job.rows[index])
+        while shortest and taken < share:
+            _, length, n, job = heapq.heappop(shortest)
             longest = max(batch.longest, length)
             if batch.rows and (
                 len(batch.rows) >= self.pass_rows
@@ -225,15 +264,21 @@ class BatchingQueue:
             ):
                 full = True
                 break
+            index = job.order[job.taken]
             batch.rows.append(job.rows[index])
             batch.normalize.append(job.normalize)
             batch.slots.append((job, index))
             batch.longest = longest
             job.taken += 1
             taken += 1
+            served.add(n)
             self._add_tokens(owner, -length)
-            if job.taken == len(job.order):
-                line.popleft()
+            if job.taken < len(job.order):
+                heapq.heappush(shortest, (1, len(job.rows[job.order[job.taken]]), n, job))
+            else:
+                line.remove(job)
+        for n, job in enumerate(window):
+            job.skipped = 0 if n in served else job.skipped + 1
         if line:
             self._lines[owner] = line
         return not full
