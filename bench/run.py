@@ -7,7 +7,7 @@
    for the int8 model (`make model QUANTIZE=int8`) when it is there. Measured before and after
    the service runs; the better of the two counts (the machine may be shared).
 2. The service (the venv's `api`, on throwaway embedded PostgreSQL and Redis, a `scale` key,
-   SCALE_TIER_LIMIT=-1), loaded by wrk (bench/smally.lua) with a fresh text per request:
+   SCALE_TIER_LIMIT, _RPM and _TPM -1), loaded by wrk (bench/smally.lua) with a fresh text per request:
    /v1/embed and /v1/embeddings with 1 and 32 inputs, at concurrency 1, 16 and 64.
 3. The service with the cache warm: /v1/embed on 20 repeated texts at concurrency 16 (and at 1:
    the fixed cost of a request that never reaches the model, for the latency diagnosis), and
@@ -89,6 +89,8 @@ BENCH_OWNED = {
     "LOG_LEVEL",
     "MODEL_PATH",
     "SCALE_TIER_LIMIT",
+    "SCALE_TIER_RPM",
+    "SCALE_TIER_TPM",
     "REDIS_KEY_PREFIX",
     "PROMETHEUS_MULTIPROC_DIR",
 }
@@ -263,9 +265,11 @@ class Service:
         self.port = 0
 
     def start(self, overrides: dict[str, str]) -> None:
-        """For the throughput scenarios: one `scale` key, without a monthly limit."""
+        """For the throughput scenarios: one `scale` key, without a monthly or per-minute limit
+        (what is measured is the service's capacity, not one customer's allowance)."""
         self.prepare(overrides)
-        self.env["SCALE_TIER_LIMIT"] = "-1"
+        for limit in ("SCALE_TIER_LIMIT", "SCALE_TIER_RPM", "SCALE_TIER_TPM"):
+            self.env[limit] = "-1"
         self.key = self.create_key("x@y.z", "scale")
         self.launch()
 
