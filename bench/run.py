@@ -7,7 +7,8 @@
    for the int8 model (`make model QUANTIZE=int8`) when it is there. Measured before and after
    the service runs; the better of the two counts (the machine may be shared).
 2. The service (the venv's `api`, on throwaway embedded PostgreSQL and Redis, a `scale` key,
-   SCALE_TIER_LIMIT, _RPM and _TPM -1), loaded by wrk (bench/smally.lua) with a fresh text per request:
+   SCALE_TIER_LIMIT, _RPM and _TPM -1), loaded by wrk (bench/smally.lua) with a fresh text per
+   request:
    /v1/embed and /v1/embeddings with 1 and 32 inputs, at concurrency 1, 16 and 64.
 3. The service with the cache warm: /v1/embed on 20 repeated texts at concurrency 16 (and at 1:
    the fixed cost of a request that never reaches the model, for the latency diagnosis), and
