@@ -13,7 +13,8 @@
 #   deploy     make deploy: ansible/site.yml with a test inventory and vault; must end failed=0
 #   checks     from the host, through nginx: health (the status alone, no build), create-key
 #              over ssh, the reference vectors, security headers, limit_req (its 429s JSON with
-#              Retry-After), /metrics refused; port 80, ACME; make health
+#              Retry-After; an IPv6 /64 as one client), /metrics refused; port 80, ACME;
+#              make health
 #   redeploy   the playbook again: changed=0
 #   restart    make restart under steady load through nginx (check_http.py load): no request
 #              fails; keys and data survive, health comes back; make logs shows them
@@ -309,6 +310,13 @@ inside=$(vm_ssh 'curl -sS --cacert /etc/ssl/smally/fullchain.pem https://127.0.0
 grep -q '^smally_build_info' <<<"$inside" || die "/metrics through nginx from the VM itself: ${inside:0:200}"
 log "/metrics through nginx from the VM itself: served ($(grep -c '^smally_' <<<"$inside") samples)"
 check burst --count 80 --parallel 20
+# nginx's limits take an IPv6 /64 as one client: proven on the VM, whose loopback takes any
+# address (the host reaches the VM over IPv4 only), with the limit_conn the site was given.
+conn_limit=$(vm_ssh "sed -n 's/^ *limit_conn smally_conn \([0-9]*\);$/\1/p' /etc/nginx/sites-available/smally")
+[[ "$conn_limit" =~ ^[0-9]+$ ]] || die "no limit_conn in the deployed site: '$conn_limit'"
+vm_ssh "sudo python3 - $conn_limit" <"$REPO/rehearsal/ipv6-limit.py" >"$RUN/ipv6-limit.txt" 2>&1 ||
+    { cat "$RUN/ipv6-limit.txt" >&2; die "rehearsal/ipv6-limit.py: the /64 is not one client"; }
+log "$(tail -n 1 "$RUN/ipv6-limit.txt")"
 token=rehearsal-$$
 vm_ssh "echo $token-content | sudo tee /var/www/letsencrypt/.well-known/acme-challenge/$token >/dev/null"
 check http --acme-token "$token:$token-content"
