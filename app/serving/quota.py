@@ -205,14 +205,14 @@ class QuotaService:
         start, end = month_bounds(now)
         if limit == UNLIMITED:
             return Reservation(principal, count, tokens, QuotaState(limit, 0, end), now)
-        if self.link.available and not await self._decided_in_postgres(principal.user_id, start):
+        if self.link.available:
             try:
-                used, key = await self._consume_in_redis(principal, count, limit, start, end)
+                if not await self._decided_in_postgres(principal.user_id, start):
+                    used, key = await self._consume_in_redis(principal, count, limit, start, end)
+                    state = QuotaState(limit, used, end)
+                    return Reservation(principal, count, tokens, state, now, counter_key=key)
             except (aioredis.RedisError, OSError) as exc:
                 self._outage_or_busy(exc)
-            else:
-                state = QuotaState(limit, used, end)
-                return Reservation(principal, count, tokens, state, now, counter_key=key)
         return await self._reserve_in_postgres(principal, count, tokens, limit, now)
 
     async def _decided_in_postgres(self, user_id: int, month: datetime) -> bool:
@@ -233,10 +233,16 @@ class QuotaService:
                 # PostgreSQL down: nobody can decide there either, so the last answer holds.
                 return user_id in self._pg_users
             changed = users ^ self._pg_users
-            self._pg_users = users
             if changed:
                 # Their counters miss the rows written in PostgreSQL: rebuilt when next used.
-                await self.link.client.delete(*(self._counter_key(u, month) for u in changed))
+                # Until that delete succeeds the last answer stands and the next call reads
+                # again; the caller takes the error for an outage.
+                try:
+                    await self.link.client.delete(*(self._counter_key(u, month) for u in changed))
+                except BaseException:
+                    self._pg_users_read_at = float("-inf")
+                    raise
+            self._pg_users = users
         return user_id in self._pg_users
 
     def _user_lock(self, user_id: int) -> asyncio.Lock:

@@ -20,7 +20,7 @@ from app.admin.migrations import apply_migrations
 from app.serving.auth import Principal
 from app.serving.errors import Busy
 from app.serving.postgres import open_pool
-from app.serving.quota import QuotaExceeded, QuotaService
+from app.serving.quota import FALLBACK_POLL_SECONDS, QuotaExceeded, QuotaService
 from app.serving.redis_link import RedisLink
 from app.serving.usage import UsageRecorder
 from dev.servers import LocalRedis
@@ -114,6 +114,40 @@ def test_release_after_a_redis_restart_gives_back_nothing(servers: Servers, tmp_
     print(f"served after the restart: {served}, ledger {total}, counter {counter}")
     assert served == 1
     assert total == 10 and counter == 10
+
+
+def test_redis_lost_as_another_process_falls_back_sends_this_one_to_postgres_too(
+    servers: Servers, tmp_path: Path
+) -> None:
+    """Issue #23.7: another process starts deciding a user in PostgreSQL (its row in
+    quota_fallback) just as Redis goes away; this process's next request for the user must be
+    decided in PostgreSQL as well, not fail with the counters' delete."""
+    redis_server = LocalRedis(tmp_path / "redis", persist=False)
+    database_url = servers.new_database()
+    apply_migrations(database_url)
+
+    async def scenario() -> tuple[int | None, int]:
+        async with stack(database_url, redis_server.start(), limit=10) as s:
+            s.quota.commit(await s.quota.reserve(s.principal, 1, 3))
+            await s.usage.flush()
+            with psycopg.connect(database_url, autocommit=True) as conn:
+                conn.execute(
+                    "INSERT INTO quota_fallback (user_id, month) VALUES (%s, %s)",
+                    (s.principal.user_id, datetime.now(UTC).date().replace(day=1)),
+                )
+            redis_server.stop()
+            await asyncio.sleep(FALLBACK_POLL_SECONDS + 0.1)  # the next request reads the table
+            reservation = await s.quota.reserve(s.principal, 1, 3)
+            s.quota.commit(reservation)
+            await s.usage.flush()
+            return reservation.ledger_row_id, ledger(database_url, s.principal.user_id)
+
+    try:
+        row_id, total = asyncio.run(scenario())
+    finally:
+        redis_server.stop()
+    print(f"decided in PostgreSQL as ledger row {row_id}; ledger {total}")
+    assert row_id is not None and total == 2
 
 
 def test_a_busy_redis_pool_is_a_503_not_an_outage(servers: Servers) -> None:
