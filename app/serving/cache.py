@@ -9,9 +9,10 @@ float32 bytes.
 L2 round trips are shared: lookups that arrive while one MGET is in flight go out together in
 the next, and stores are written in the background, many per pipeline, after the answer has
 gone (a lost store costs a future miss, never a wrong vector or a slower answer).
-With CACHE_SCOPE=user (the default) the key also holds the customer's user id: a hit then only
-ever comes from that customer's own earlier request, so neither `"cached": true` nor a fast
-answer tells one customer what another has embedded.
+With CACHE_SCOPE=user (the default) the key also holds the customer's user id (after a byte
+naming the scope, so that no user's key equals a shared one): a hit then only ever comes from
+that customer's own earlier request, so neither `"cached": true` nor a fast answer tells one
+customer what another has embedded.
 """
 
 from __future__ import annotations
@@ -64,8 +65,11 @@ class EmbeddingCache:
     def key(self, token_ids: Sequence[int], normalize: bool, user_id: int) -> bytes:
         digest = hashlib.blake2b(self.model_sha256, digest_size=20)
         digest.update(b"\x01" if normalize else b"\x00")
+        # The scope's byte first: a user id's bytes can never read as token ids of a shared key.
         if self.per_user:
-            digest.update(user_id.to_bytes(8, "little", signed=True))
+            digest.update(b"u" + user_id.to_bytes(8, "little", signed=True))
+        else:
+            digest.update(b"s")
         digest.update(np.asarray(token_ids, dtype="<i4").tobytes())
         return digest.digest()
 

@@ -111,6 +111,19 @@ def test_per_user_scope_separates_users_and_shared_scope_does_not(run) -> None:
     run(scenario)
 
 
+def test_a_users_key_never_equals_a_shared_key_of_other_tokens(run) -> None:
+    """User 101's id, as the key hashes it, reads as the token ids [101, 0]: without the scope
+    in the key, user 101's entry for TOKENS was the shared entry for [101, 0, *TOKENS]."""
+
+    async def scenario(link: RedisLink) -> None:
+        per_user, shared = new_cache(link), new_cache(link, per_user=False)
+        await shared.put(shared.key([101, 0, *TOKENS], True, 7), vector(7))
+        assert per_user.key(TOKENS, True, 101) != shared.key([101, 0, *TOKENS], True, 7)
+        assert await per_user.get(per_user.key(TOKENS, True, 101)) is None
+
+    run(scenario)
+
+
 def test_the_model_and_the_normalize_flag_are_part_of_the_key(run) -> None:
     async def scenario(link: RedisLink) -> None:
         old, new = new_cache(link, model_sha256=MODEL_A), new_cache(link, model_sha256=MODEL_B)
