@@ -12,12 +12,13 @@ one-line description. `Settings.from_env` reads them all in field order.
 from __future__ import annotations
 
 import os
+import re
 import sys
 from collections.abc import Callable, Mapping
 from dataclasses import MISSING, Field, dataclass, field, fields
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 import psycopg.conninfo
 
@@ -33,6 +34,20 @@ CACHE_SCOPES = ("user", "shared")
 
 class ConfigError(Exception):
     """A setting is missing or invalid; the message names the variable."""
+
+
+def without_credentials(text: str, url: str) -> str:
+    """`text`, a message about `url`, with the URL's user info and any password in its query
+    replaced by `***`: drivers quote the URL, or a part of it, in their errors."""
+    rest = url.partition("://")[2]
+    secrets = set(re.findall(r"password=([^&#]+)", rest))
+    if "@" in rest:
+        userinfo = rest.rpartition("@")[0]
+        secrets |= {userinfo, userinfo.partition(":")[2]}
+    secrets |= {unquote(secret) for secret in secrets}
+    for secret in sorted(secrets - {""}, key=len, reverse=True):
+        text = text.replace(secret, "***")
+    return text
 
 
 def first_line(exc: BaseException) -> str:
@@ -179,7 +194,8 @@ def postgres_uri(name: str, raw: str) -> str:
     try:
         psycopg.conninfo.conninfo_to_dict(raw)
     except psycopg.ProgrammingError as exc:
-        raise ConfigError(f"{name} is not a valid PostgreSQL URI: {first_line(exc)}") from None
+        reason = without_credentials(first_line(exc), raw)
+        raise ConfigError(f"{name} is not a valid PostgreSQL URI: {reason}") from None
     return raw
 
 

@@ -52,6 +52,22 @@ def test_invalid_libpq_uri_names_the_variable() -> None:
         )
 
 
+@pytest.mark.parametrize(
+    "url",
+    [
+        "postgresql://smally:S3cret%zz@db.example/smally",  # libpq quotes the bad token
+        "postgresql://smally:S3cret@[::1/smally",  # libpq quotes the whole URI
+        "postgresql://smally:S3cret@db.example/smally?password=S3cret&nosuch=1",
+    ],
+)
+def test_an_invalid_libpq_uri_is_reported_without_its_password(url: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        Settings.from_env({**REQUIRED, "DATABASE_URL": url}, dotenv=None)
+    message = str(caught.value)
+    assert message.startswith("DATABASE_URL is not a valid PostgreSQL URI: "), message
+    assert "S3cret" not in message, message
+
+
 def test_dotenv_parsing(tmp_path: Path) -> None:
     path = tmp_path / ".env"
     path.write_text("# comment\n\nexport A=1\nB='two words'\nC=\"x=y\"\n; also comment\n")
