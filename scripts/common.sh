@@ -78,6 +78,27 @@ libpq_url() {
     database_url="$scheme://$userinfo@$hostpart"
 }
 
+# load_dump URL BACKUP: load BACKUP (backup.sh's gzip'd plain SQL) into the database that URL
+# names, connected as URL's role, in one transaction: all or nothing. The file is untrusted
+# input, so the role must not be a superuser (a dump's RESET ROLE, COPY ... TO PROGRAM or ALTER
+# ROLE would run as one), and psql's meta-commands (\! runs a shell, \o |cmd) are refused from
+# the first line on by \restrict with a key the file cannot know. pg_dump writes a \restrict
+# and \unrestrict of its own around the dump: those lines are dropped (a COPY row cannot look
+# like them: every table of the schema has more than one column). Needs a psql that knows
+# \restrict (14.19, 15.14, 16.10, 17.6 or later); an older one refuses the whole load.
+load_dump() {
+    local url=$1 backup=$2 superuser key
+    superuser=$(psql -X -At -d "$url" -c 'SELECT rolsuper FROM pg_roles WHERE rolname = current_user') ||
+        return 1
+    if [ "$superuser" != f ]; then
+        echo "$(basename "$0"): the role of DATABASE_URL is a superuser: a backup is never loaded as one" >&2
+        return 1
+    fi
+    key=$(head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n')
+    { printf '\\restrict %s\n' "$key"; gzip -dc "$backup" | sed -E '/^\\(un)?restrict [A-Za-z0-9]+$/d'; } |
+        PGOPTIONS="-c client_min_messages=warning" psql -X -q -v ON_ERROR_STOP=1 --single-transaction -d "$url" >/dev/null
+}
+
 # redis_cli_url URL: set redis_url to URL without its credentials, redis_cli_user to its user name
 # (ACL; empty for the default user), and export its password as REDISCLI_AUTH, which redis-cli reads
 # from there: like libpq_url, it keeps the password off command lines. Use:
