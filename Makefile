@@ -294,7 +294,7 @@ download-backup:
 
 load-backup:
 	@test -f "$(BACKUP)" || { echo "usage: make load-backup BACKUP=smally.sql.gz (a file here; DB_NAME=$(DB_NAME) DB_USER=$(DB_USER))" >&2; exit 2; }
-	@$(ON_SERVER) --data $(INVENTORY) -- sudo bash -c "$$(cat scripts/load-backup.sh)" load-backup "$(DB_NAME)" "$(DB_USER)" <"$(BACKUP)"
+	@$(ON_SERVER) --data $(INVENTORY) -- sudo bash -c "$$(cat scripts/common.sh scripts/load-backup.sh)" load-backup "$(DB_NAME)" "$(DB_USER)" <"$(BACKUP)"
 
 health:
 	$(ON_SERVER) $(INVENTORY) -- sudo $(REMOTE_APP)/scripts/health-check.sh
