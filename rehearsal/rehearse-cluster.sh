@@ -9,7 +9,8 @@
 #   api2  10.77.0.12   smally_api
 #
 # Stages: tools, machines, build, deploy (twice: the second changed=0), network (what each host
-# admits), quota (300 concurrent requests of a free user with limit 100 through the edge: exactly
+# admits; the backup unit admits the data host; whether these machines enforce the units' IP
+# filters), quota (300 concurrent requests of a free user with limit 100 through the edge: exactly
 # 100 200s and 200 429s, served by both API hosts, the ledger 100), per-minute (300 concurrent
 # requests of a pro user with a limit of 100 a minute: 100 200s and what the burst's duration
 # adds, by both hosts, the ledger equal), rolling (a new build deployed
@@ -249,6 +250,16 @@ reaches $API1 22 || die "api1's SSH is closed"
 on $API1 "redis-cli -h $EDGE ping" | grep -q NOAUTH || die "the data host's Redis answers without the password"
 on $API1 'sudo grep -h IPAddressAllow /etc/systemd/system/smally.service.d/cluster.conf' >"$RUN/ipallow.txt"
 grep -qx "IPAddressAllow=$EDGE $API1" "$RUN/ipallow.txt" || die "api1's unit admits: $(cat "$RUN/ipallow.txt")"
+backup_allow=$(on $API1 'systemctl show smally-backup -p IPAddressAllow --value')
+[[ " $backup_allow " == *" $EDGE/32 "* ]] || die "api1's backup unit does not admit the data host: $backup_allow"
+# Whether this kernel enforces the units' IP filters (cgroup v2 with BPF): a unit admitting
+# localhost alone, as smally-backup.service without its drop-in, reaching the data host.
+if on $API1 "sudo systemd-run --quiet --wait --pipe -p IPAddressDeny=any -p IPAddressAllow=localhost \
+    timeout 5 bash -c 'echo >/dev/tcp/$EDGE/5432'" 2>/dev/null; then
+    filters="not enforced on these machines (the VM rehearsal proves them)"
+else
+    filters=enforced
+fi
 on $EDGE "sudo grep -E '^host[[:space:]]+smally' \$(sudo -u postgres psql -Atc 'SHOW hba_file')" >"$RUN/hba.txt"
 sed 's/^/    /' "$RUN/hba.txt" >&2
 [ "$(grep -c "scram-sha-256" "$RUN/hba.txt")" == 2 ] && grep -q "$API1/32" "$RUN/hba.txt" && grep -q "$API2/32" "$RUN/hba.txt" ||
@@ -262,7 +273,7 @@ for address in $API1 $API2; do
     on $EDGE "curl -sSf http://$address:8000/metrics" | grep -q '^smally_requests_total' ||
         die "the edge cannot scrape $address:8000/metrics"
 done
-log "PostgreSQL and Redis (5432, 6379, 6380) admit the API hosts only, :8000 the edge only (it scrapes both API hosts' /metrics); api1's unit: $(cat "$RUN/ipallow.txt"); api1 runs none of its former roles' servers"
+log "PostgreSQL and Redis (5432, 6379, 6380) admit the API hosts only, :8000 the edge only (it scrapes both API hosts' /metrics); api1's unit: $(cat "$RUN/ipallow.txt"), its backup: $backup_allow; IP filters $filters; api1 runs none of its former roles' servers"
 end
 
 begin quota "300 concurrent requests of a free user (limit $FREE_LIMIT) through the edge"

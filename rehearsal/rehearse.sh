@@ -31,7 +31,8 @@
 #              cache's Redis is empty
 #   security   systemd-analyze security smally.service <= 2.5, and the running service is
 #              exactly systemd/smally.service (no drop-ins, seccomp and no-new-privileges on),
-#              running the serving release's api, on smally.socket
+#              running the serving release's api, on smally.socket; the kernel enforces the
+#              units' IP filters (a localhost-only sandbox cannot reach the VM's own address)
 #   poweroff   the VM powers off, its overlay is deleted (also on failure, from the EXIT trap)
 #
 # Environment: SMALLY_VM_CACHE (base images, default ~/.cache/smally/vm), SMALLY_REHEARSAL_DIR
@@ -517,6 +518,20 @@ awk -v e="$exposure" -v m="$EXPOSURE_MAX" 'BEGIN { exit !(e <= m) }' || die "exp
 backup_exposure=$(vm_ssh "sudo systemd-analyze security --no-pager smally-backup.service" 2>&1 |
     sed -n 's/.*Overall exposure level for smally-backup.service: \([0-9.]*\).*/\1/p')
 log "systemd-analyze security smally-backup.service: exposure $backup_exposure"
+# This kernel enforces the units' IP filters: in smally-backup.service's sandbox (localhost
+# only) the VM's own private address is out of reach; admitted, as a cluster's drop-in admits
+# the data host, it is reached.
+vm_address=$(vm_ssh "ip -4 -o addr show scope global | awk '{ sub(\"/.*\", \"\", \$4); print \$4; exit }'")
+[ -n "$vm_address" ] || die "the VM has no global IPv4 address"
+probe() { # probe ALLOWED...: whether a unit admitting ALLOWED reaches the VM's sshd on vm_address
+    vm_ssh "sudo systemd-run --quiet --wait --pipe -p IPAddressDeny=any ${*/#/-p IPAddressAllow=} \
+        timeout 5 bash -c 'echo >/dev/tcp/$vm_address/22'" 2>/dev/null
+}
+if probe localhost; then die "IP filters are not enforced on the VM: localhost-only reached $vm_address"; fi
+probe localhost "$vm_address" || die "a unit admitting $vm_address does not reach it"
+allowed=$(vm_ssh 'systemctl show smally-backup -p IPAddressDeny -p IPAddressAllow' | tr '\n' ' ')
+[[ "$allowed" == *"IPAddressDeny=0.0.0.0/0 ::/0"* ]] || die "smally-backup.service denies: $allowed"
+log "IP filters enforced: localhost-only cannot reach $vm_address, admitted it can; smally-backup.service: $allowed"
 vm_ssh 'sudo systemctl show smally -p ActiveState -p SubState -p FragmentPath -p DropInPaths -p NeedDaemonReload -p MainPID -p NRestarts
     pid=$(systemctl show smally -p MainPID --value)
     echo "Exe=$(sudo readlink /proc/$pid/exe)"
