@@ -13,7 +13,7 @@ from starlette.responses import Response
 
 from app.buildinfo import build_info
 from app.config import Settings
-from app.http import docs, embed, openai, openapi, service
+from app.http import docs, embed, openai, openapi, service, usage
 from app.http.errors import (
     ApiError,
     InternalError,
@@ -53,6 +53,7 @@ def create_app(settings: Settings) -> Starlette:
         *service.routes(),
         *embed.routes(),
         *openai.routes(),
+        *usage.routes(),
         *docs.routes(),
         *openapi.routes(),
     ]

@@ -20,6 +20,7 @@ from app.http import errors
 from app.http.endpoint import endpoint
 from app.http.fields import JSON
 from app.http.requests import MAX_INPUTS, RequestBodies, Served
+from app.http.usage import MONTH
 from app.model.engine import COUNT_PIECES_AFTER_CHARS_PER_TOKEN, MAX_CHARS_PER_TOKEN
 
 # Which errors each endpoint can answer with (besides 405 for a wrong method).
@@ -37,6 +38,13 @@ _EMBED_ERRORS = (
 )
 _OPENAI_EMBED_ERRORS = (*_EMBED_ERRORS, errors.ModelNotFound)
 _MODELS_ERRORS = (errors.Unauthorized, errors.TooManyRequests, errors.ServiceUnavailable)
+_USAGE_ERRORS = (
+    errors.InvalidRequest,
+    errors.Unauthorized,
+    errors.TooManyRequests,
+    errors.ServiceUnavailable,
+    errors.Overloaded,
+)
 
 _ERROR_DESCRIPTIONS = {
     400: "Invalid request (`invalid_request`: not JSON, a duplicate key, a wrong type or "
@@ -90,6 +98,7 @@ def build_openapi(
             "/v1/embed": {"post": _embed_operation(bodies)},
             "/v1/embeddings": {"post": _embeddings_operation(bodies)},
             "/v1/models": {"get": _models_operation()},
+            "/v1/usage": {"get": _usage_operation()},
         },
         "components": {
             "securitySchemes": {
@@ -150,6 +159,36 @@ def _models_operation() -> dict[str, Any]:
         "responses": {
             "200": _response("The served model", {"$ref": "#/components/schemas/ModelList"}),
             **_error_responses(_MODELS_ERRORS, "#/components/schemas/OpenAIError"),
+        },
+    }
+
+
+def _usage_operation() -> dict[str, Any]:
+    return {
+        "operationId": "usage",
+        "summary": "Your own usage of a month, beside your limits",
+        "description": "The embeddings and tokens of the key owner's usage ledger in a month "
+        "(recorded within about a second of being served), the tier's monthly limit and "
+        "per-minute limits (`null`: unlimited), and for the current month what is left and "
+        "when it resets. Counts against the per-minute request limit like any request; "
+        "answers even when the monthly quota is used up.",
+        "tags": ["embeddings"],
+        "parameters": [
+            {
+                "name": "month",
+                "in": "query",
+                "required": False,
+                "description": "The month, UTC (default: the current one)",
+                "schema": {"type": "string", "pattern": MONTH.pattern},
+            }
+        ],
+        "responses": {
+            "200": _response(
+                "The month's usage",
+                {"$ref": "#/components/schemas/Usage"},
+                headers=_PER_MINUTE_RESPONSE_HEADERS,
+            ),
+            **_error_responses(_USAGE_ERRORS, "#/components/schemas/Error"),
         },
     }
 
@@ -282,6 +321,11 @@ _RATE_LIMIT_HEADERS = {
         "X-RateLimit-Reset",
         *_PER_MINUTE_HEADERS,
     )
+}
+
+
+_PER_MINUTE_RESPONSE_HEADERS = {
+    name: {"$ref": f"#/components/headers/{name}"} for name in _PER_MINUTE_HEADERS
 }
 
 
@@ -427,6 +471,50 @@ def _schemas(model: str, dimension: int) -> dict[str, Any]:
                             "created": {"type": "integer"},
                             "owned_by": {"type": "string"},
                         },
+                    },
+                },
+            },
+        },
+        "Usage": {
+            "type": "object",
+            "required": [
+                "object",
+                "month",
+                "tier",
+                "embeddings",
+                "tokens",
+                "limit",
+                "remaining",
+                "resets_at",
+                "per_minute",
+            ],
+            "properties": {
+                "object": {"const": "usage"},
+                "month": {"type": "string", "pattern": MONTH.pattern},
+                "tier": {"type": "string"},
+                "embeddings": {"type": "integer", "minimum": 0},
+                "tokens": {"type": "integer", "minimum": 0},
+                "limit": {
+                    "type": ["integer", "null"],
+                    "minimum": 0,
+                    "description": "Embeddings a month; null: unlimited",
+                },
+                "remaining": {
+                    "type": ["integer", "null"],
+                    "minimum": 0,
+                    "description": "Left this month; null for another month or no limit",
+                },
+                "resets_at": {
+                    "type": ["string", "null"],
+                    "format": "date-time",
+                    "description": "When the monthly quota resets; null for another month",
+                },
+                "per_minute": {
+                    "type": "object",
+                    "required": ["requests", "tokens"],
+                    "properties": {
+                        "requests": {"type": ["integer", "null"], "minimum": 0},
+                        "tokens": {"type": ["integer", "null"], "minimum": 0},
                     },
                 },
             },

@@ -28,6 +28,7 @@ async def index(request: Request) -> Response:
                 "POST /v1/embeddings": "OpenAI-compatible embeddings "
                 f"(one text or up to {MAX_INPUTS})",
                 "GET /v1/models": "the served model (OpenAI-compatible)",
+                "GET /v1/usage": "your own usage of a month and your limits (?month=YYYY-MM)",
                 "GET /metrics": "Prometheus metrics",
             },
         }

@@ -24,6 +24,7 @@ from app.serving.postgres import open_pool
 from app.serving.quota import QuotaService
 from app.serving.ratelimit import RateLimiter
 from app.serving.redis_link import RedisLink
+from app.serving.statement import Statements
 from app.serving.usage import UsageRecorder
 
 log = logging.getLogger(__name__)
@@ -47,6 +48,7 @@ class Services:
     cache: EmbeddingCache
     metrics: Metrics
     pipeline: EmbeddingPipeline
+    statements: Statements
     ready: bool = field(default=False)
     # The cache's own link when CACHE_REDIS_URL names another Redis; it fails independently.
     cache_redis: RedisLink | None = field(default=None)
@@ -140,6 +142,7 @@ class Services:
             metrics=metrics,
             limits=limits,
             pipeline=EmbeddingPipeline(model, cache, quota, limits, metrics),
+            statements=Statements(pool, quota, settings.tier_rates),
             cache_redis=cache_redis,
         )
         info = build_info()

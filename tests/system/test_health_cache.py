@@ -28,6 +28,7 @@ async def _scenario(servers) -> None:
         cache=None,
         metrics=None,
         pipeline=None,
+        statements=None,
         ready=True,
     )
     try:

@@ -7,6 +7,7 @@ import asyncio
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import httpx
@@ -214,3 +215,85 @@ def test_a_clients_request_id_is_kept_and_a_bad_one_replaced(service: InProcess)
     assert kept.headers["x-request-id"] == "client-id.42"
     replaced = service.request("GET", "/health", headers={"X-Request-Id": "no spaces <here>"})
     assert replaced.headers["x-request-id"] not in ("", "no spaces <here>")
+
+
+def usage_until(service: InProcess, key: str, embeddings: int, **params: str) -> dict:
+    """GET /v1/usage until the ledger shows `embeddings` (it is written within about a second)."""
+    for _ in range(40):
+        response = service.request("GET", "/v1/usage", key=key, params=params)
+        assert response.status_code == 200, response.text
+        if response.json()["embeddings"] >= embeddings:
+            return response.json()
+        service.runner.run(asyncio.sleep(0.1))
+    raise AssertionError(f"the ledger never showed {embeddings}: {response.text}")
+
+
+def test_usage_shows_the_callers_own_month_and_limits_and_never_anothers(
+    service: InProcess, database_url: str
+) -> None:
+    with psycopg.connect(database_url) as conn:
+        mine = create_key(conn, f"me-{uuid.uuid4().hex[:6]}@example.com", "free", None, "sk_")
+        theirs = create_key(conn, f"they-{uuid.uuid4().hex[:6]}@example.com", "pro", None, "sk_")
+    now = datetime.now(UTC)
+    last_month = (now.replace(day=1) - timedelta(days=1)).replace(day=15)
+    with psycopg.connect(database_url) as conn:  # their usage last month, as the ledger has it
+        conn.execute(
+            "INSERT INTO usage (user_id, api_key_id, embeddings_count, tokens, created_at)"
+            " SELECT user_id, id, 7, 70, %s FROM api_keys WHERE key_prefix = %s",
+            (last_month, theirs.key_prefix),
+        )
+    texts = {"model": "all-MiniLM-L6-v2", "input": ["one", "two three"]}
+    assert service.request("POST", "/v1/embeddings", key=mine.key, json=texts).status_code == 200
+    assert (
+        service.request("POST", "/v1/embed", key=theirs.key, json={"text": "x"}).status_code == 200
+    )
+
+    body = usage_until(service, mine.key, 2)
+    next_month = (now.replace(day=1) + timedelta(days=32)).replace(day=1)
+    assert body == {
+        "object": "usage",
+        "month": f"{now:%Y-%m}",
+        "tier": "free",
+        "embeddings": 2,
+        "tokens": body["tokens"],
+        "limit": FREE_LIMIT,
+        "remaining": FREE_LIMIT - 2,
+        "resets_at": f"{next_month:%Y-%m}-01T00:00:00Z",
+        "per_minute": {"requests": 60, "tokens": 20_000},
+    }
+    assert body["tokens"] == 3 + 4  # [CLS] one [SEP], [CLS] two three [SEP]
+    assert usage_until(service, theirs.key, 1)["embeddings"] == 1
+
+    month = f"{last_month:%Y-%m}"
+    past = usage_until(service, theirs.key, 7, month=month)
+    assert (past["month"], past["embeddings"], past["tokens"]) == (month, 7, 70)
+    assert past["remaining"] is None and past["resets_at"] is None
+    assert past["tier"] == "pro" and past["per_minute"] == {"requests": 600, "tokens": 200_000}
+    mine_then = service.request("GET", "/v1/usage", key=mine.key, params={"month": month})
+    assert mine_then.json()["embeddings"] == 0, mine_then.text
+    to_come = service.request("GET", "/v1/usage", key=mine.key, params={"month": "9999-12"})
+    assert to_come.status_code == 200, to_come.text
+    assert to_come.json()["embeddings"] == 0 and to_come.json()["resets_at"] is None
+
+
+@pytest.mark.parametrize(
+    ("query", "param"),
+    [
+        ("month=2026-13", "month"),
+        ("month=26-11", "month"),
+        ("month=0999-01", "month"),
+        ("month=2026-11&month=2026-10", "month"),
+        ("user=someone@example.com", "user"),
+    ],
+)
+def test_usage_refuses_a_bad_query_with_400(service: InProcess, query: str, param: str) -> None:
+    response = service.request("GET", f"/v1/usage?{query}", key=service.key)
+    assert response.status_code == 400, response.text
+    assert response.json()["error"] == "invalid_request"
+    assert response.json()["param"] == param
+
+
+def test_usage_without_a_valid_key_is_401(service: InProcess) -> None:
+    response = service.request("GET", "/v1/usage", key="sk_not-a-key-of-ours")
+    assert response.status_code == 401, response.text
+    assert response.json()["error"] == "invalid_api_key"
