@@ -13,6 +13,11 @@ CHECK is one of:
   burst      a burst beyond the limit_req rate on /v1/ gets 429 from nginx, each as JSON
              ("rate_limited") with Retry-After
   metrics    /metrics through nginx from outside the machine is refused (403)
+  too-large  a body a little over --max-bytes gets the service's own 413 (payload_too_large,
+             max_bytes; needs --key), one far beyond it nginx's 413 as JSON, in the service's
+             envelope on /v1/embed and OpenAI's on /v1/embeddings
+  down       with the service stopped: nginx's 502 as JSON (upstream_unavailable), in each
+             envelope
   http       port 80 redirects to HTTPS, and serves ACME challenges (--acme-token NAME:CONTENT)
   quota      --count requests at once (--parallel), each a different text, with --key: prints
              "200s=<a> 429s=<b> other=<c>" (a cluster's exactness: a = the key's monthly limit)
@@ -30,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import http.client
 import json
 import math
 import os
@@ -40,6 +46,7 @@ import sys
 import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from email.message import Message
 from pathlib import Path
@@ -185,6 +192,73 @@ def check_burst(args: argparse.Namespace) -> int:
     return ok(f"burst of {args.count} on /v1/: {counts} (limit_req at work; its 429s JSON)")
 
 
+def posted(args: argparse.Namespace, path: str, length: int) -> Answer:
+    """A POST of `length` spaces (not JSON: nginx refuses it for its size before anyone reads
+    it), without a key."""
+    url = urllib.parse.urlsplit(args.https)
+    context = ssl.create_default_context(cafile=args.ca)
+    connection = http.client.HTTPSConnection(url.hostname, url.port, context=context, timeout=30)
+    try:
+        connection.request(
+            "POST", path, body=b" " * length, headers={"Content-Type": "application/json"}
+        )
+        response = connection.getresponse()
+        return Answer(response.status, response.headers, response.read())
+    finally:
+        connection.close()
+
+
+def edge_error(answer: Answer, status: int, code: str, openai: bool) -> str | None:
+    """What is wrong with `answer` as nginx's own `status` in its envelope; None if nothing."""
+    try:
+        body = answer.json()
+    except ValueError:
+        body = None
+    if openai:
+        error = body.get("error") if isinstance(body, dict) else None
+        found = error.get("code") if isinstance(error, dict) else None
+        shaped = isinstance(error, dict) and {"message", "type", "param"} <= error.keys()
+    else:
+        found = body.get("error") if isinstance(body, dict) else None
+        shaped = isinstance(body, dict) and "message" in body
+    if (
+        answer.status != status
+        or answer.headers.get("Content-Type") != "application/json"
+        or found != code
+        or not shaped
+    ):
+        return f"{answer.status} {answer.headers.get('Content-Type')} {answer.body[:200]!r}"
+    return None
+
+
+def check_too_large(args: argparse.Namespace) -> int:
+    over = args.max_bytes + 100
+    text = "x" * (over - len('{"text": ""}'))
+    answer = request(f"{args.https}/v1/embed", args.ca, data={"text": text}, key=args.key)
+    body = answer.json() if answer.status == 413 else {}
+    if body.get("error") != "payload_too_large" or body.get("max_bytes") != args.max_bytes:
+        return fail(f"{over} bytes: {answer.status} {answer.body[:200]!r}")
+    seen = [f"{over} bytes: the service's 413 (max_bytes {args.max_bytes})"]
+    far = args.max_bytes + 65536 + 1  # past nginx's client_max_body_size
+    for path, openai in (("/v1/embed", False), ("/v1/embeddings", True)):
+        wrong = edge_error(posted(args, path, far), 413, "payload_too_large", openai)
+        if wrong:
+            return fail(f"{far} bytes to {path}: {wrong}")
+        seen.append(f"{far} bytes to {path}: nginx's JSON 413")
+    return ok("; ".join(seen))
+
+
+def check_down(args: argparse.Namespace) -> int:
+    seen = []
+    for path, openai in (("/v1/embed", False), ("/v1/embeddings", True)):
+        answer = request(f"{args.https}{path}", args.ca, data={"text": "anyone?"})
+        wrong = edge_error(answer, 502, "upstream_unavailable", openai)
+        if wrong:
+            return fail(f"{path} with the service stopped: {wrong}")
+        seen.append(f"{path} 502 {'OpenAI' if openai else 'Smally'} envelope")
+    return ok(f"the service stopped, nginx answers JSON: {', '.join(seen)}")
+
+
 def edge_rate_limited(answer: Answer) -> bool:
     """nginx's own 429: JSON in the service's envelope, code rate_limited, with Retry-After."""
     try:
@@ -322,6 +396,8 @@ def main() -> int:
             "http",
             "quota",
             "load",
+            "too-large",
+            "down",
         ],
     )
     parser.add_argument("--https", required=True, help="https://127.0.0.1:PORT (no slash)")
@@ -330,6 +406,7 @@ def main() -> int:
     parser.add_argument("--key", help="an API key")
     parser.add_argument("--reference", help="the reference vectors (JSON)")
     parser.add_argument("--acme-token", default="", help="NAME:CONTENT of a challenge file")
+    parser.add_argument("--max-bytes", type=int, help="too-large: the service's MAX_REQUEST_BYTES")
     parser.add_argument("--count", type=int, default=80)
     parser.add_argument("--parallel", type=int, default=20)
     parser.add_argument("--workers", type=int, default=4)
@@ -353,6 +430,8 @@ def main() -> int:
         "http": check_http,
         "quota": check_quota,
         "load": check_load,
+        "too-large": check_too_large,
+        "down": check_down,
     }
     try:
         return checks[args.check](args)

@@ -13,8 +13,9 @@
 #   deploy     make deploy: ansible/site.yml with a test inventory and vault; must end failed=0
 #   checks     from the host, through nginx: health (the status alone, no build), create-key
 #              over ssh, the reference vectors, security headers, limit_req (its 429s JSON with
-#              Retry-After; an IPv6 /64 as one client), /metrics refused; port 80, ACME;
-#              make health
+#              Retry-After; an IPv6 /64 as one client), 413s (the service's a little over
+#              MAX_REQUEST_BYTES, nginx's JSON far over), nginx's JSON 502 with the service
+#              stopped, /metrics refused; port 80, ACME; make health
 #   redeploy   the playbook again: changed=0
 #   restart    make restart under steady load through nginx (check_http.py load): no request
 #              fails; keys and data survive, health comes back; make logs shows them
@@ -313,6 +314,13 @@ inside=$(vm_ssh 'curl -sS --cacert /etc/ssl/smally/fullchain.pem https://127.0.0
 grep -q '^smally_build_info' <<<"$inside" || die "/metrics through nginx from the VM itself: ${inside:0:200}"
 log "/metrics through nginx from the VM itself: served ($(grep -c '^smally_' <<<"$inside") samples)"
 check burst --count 80 --parallel 20
+max_bytes=$(sed -n 's/^smally_max_request_bytes: *\([0-9]*\)$/\1/p' "$STAGE/ansible/roles/smally/defaults/main.yml")
+check too-large --key "$KEY1" --max-bytes "$max_bytes"
+# nginx's own 502 with the service (and its socket) stopped, then the service back.
+vm_ssh 'sudo systemctl stop smally.socket smally'
+check down
+vm_ssh 'sudo systemctl start smally.socket smally && sudo /home/smally/smally-api/scripts/health-check.sh --wait 120' \
+    >"$RUN/down-and-back.txt" 2>&1 || { cat "$RUN/down-and-back.txt" >&2; die "the service did not come back"; }
 # nginx's limits take an IPv6 /64 as one client: proven on the VM, whose loopback takes any
 # address (the host reaches the VM over IPv4 only), with the limit_conn the site was given.
 conn_limit=$(vm_ssh "sed -n 's/^ *limit_conn smally_conn \([0-9]*\);$/\1/p' /etc/nginx/sites-available/smally")
