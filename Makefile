@@ -209,7 +209,7 @@ TIER ?=
 LOG_LINES ?= 100
 RELEASE ?=
 HOST ?=
-.PHONY: help-deploy ansible-tools lint-deploy check-dist deploy host-down host-up restart releases rollback logs create-key api backup download-backup load-backup health rehearse rehearse-cluster
+.PHONY: help-deploy ansible-tools lint-deploy check-dist deploy host-down host-up restart releases rollback logs create-key api usage-export backup download-backup load-backup health rehearse rehearse-cluster
 
 help-deploy:
 	@echo "make deploy       ansible/site.yml against INVENTORY=$(INVENTORY) (build first: make build)"
@@ -222,6 +222,7 @@ help-deploy:
 	@echo "make logs         follow the service's journal (LOG_LINES=$(LOG_LINES))"
 	@echo "make create-key EMAIL=alice@example.com TIER=pro   a new API key, printed alone"
 	@echo "make api ARGS='keys revoke sk_1a2b3c4d'   the server's api command (keys, usage, migrate)"
+	@echo "make usage-export MONTH=2026-11 > usage.csv   one row per user of a month (FORMAT=json)"
 	@echo "make backup       run smally-backup.service now; prints the new backup's path"
 	@echo "make download-backup BACKUP=<that path> > smally.sql.gz   a backup, copied here"
 	@echo "make load-backup BACKUP=smally.sql.gz   into a new data host's empty database"
@@ -279,6 +280,11 @@ ARGS ?=
 api:
 	@test -n "$(ARGS)" || { echo "usage: make api ARGS='keys list alice@example.com'" >&2; exit 2; }
 	@$(ON_SERVER) $(INVENTORY) -- sudo $(REMOTE_APP)/scripts/api.sh $(ARGS)
+
+# The month's invoice input (`api usage --all`: one row per user), from the server to stdout.
+usage-export:
+	@case "$(MONTH)" in [0-9][0-9][0-9][0-9]-[0-9][0-9]) ;; *) echo "usage: make usage-export MONTH=2026-11 [FORMAT=csv|json] > usage.csv" >&2; exit 2;; esac
+	@$(ON_SERVER) $(INVENTORY) -- sudo $(REMOTE_APP)/scripts/api.sh usage --all --month "$(MONTH)" --format "$(or $(FORMAT),csv)"
 
 backup:
 	@$(ON_SERVER) $(INVENTORY) -- sudo sh -c 'systemctl start smally-backup.service && ls -1d /home/smally/backups/smally-*.sql.gz | tail -n 1'

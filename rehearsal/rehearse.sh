@@ -26,7 +26,8 @@
 #              fails, the VM's own /health names the release; make releases lists both, marks
 #              the serving one
 #   operate    docs/operations.md's commands: make api (keys list/revoke, usage, migrate --status,
-#              --rollback), the troubleshooting commands on the healthy server, certbot renew
+#              --rollback), make usage-export (its rows add up to the ledger), the
+#              troubleshooting commands on the healthy server, certbot renew
 #   restore    make backup, a new key; restore.sh refuses a hostile backup (nothing run, the
 #              role unchanged); restore.sh --yes: the new key is gone, the old one works, the
 #              cache's Redis is empty
@@ -458,7 +459,15 @@ reverted=$(grep 'rolled back$' "$RUN/migrate-rollback.out" | cut -f1)
 timeout 300 "${MAKE_VM[@]}" restart >"$RUN/restart-migrate.out" 2>&1 || { cat "$RUN/restart-migrate.out" >&2; die "make restart failed"; }
 timeout 180 "${MAKE_VM[@]}" api ARGS='migrate --status' >"$RUN/migrate-status-2.out" 2>&1 || api_failed migrate-status-2
 grep -q pending "$RUN/migrate-status-2.out" && die "the restart did not re-apply $reverted"
-log "make api: keys list, usage, keys revoke (refused after 11 s), migrate --status, --rollback of $reverted (re-applied by a restart)"
+# The month's invoice input: alice has a row, and the rows add up to the ledger (the restart
+# above flushed it).
+month=$(date -u +%Y-%m)
+(cd "$RUN" && timeout 180 "${MAKE_VM[@]}" usage-export MONTH="$month" > usage.csv ) || { cat "$RUN/usage.csv" >&2; die "make usage-export failed"; }
+exported=$(awk -F, 'NR > 1 { sum += $4 } END { print sum + 0 }' "$RUN/usage.csv")
+ledger=$(vm_ssh "cd / && sudo -u postgres psql -d smally -XAtc \"SELECT coalesce(sum(embeddings_count), 0) FROM usage WHERE created_at >= date_trunc('month', now(), 'UTC')\"")
+head -n 1 "$RUN/usage.csv" | grep -qx 'month,email,tier,embeddings,tokens,limit' && grep -q "^$month,alice@rehearsal.test,pro,[1-9]" "$RUN/usage.csv" &&
+    [ "$exported" == "$ledger" ] || { cat "$RUN/usage.csv" >&2; die "make usage-export: $exported embeddings, the ledger $ledger"; }
+log "make api: keys list, usage, keys revoke (refused after 11 s), migrate --status, --rollback of $reverted (re-applied by a restart); make usage-export: $(($(wc -l <"$RUN/usage.csv") - 1)) users, $exported embeddings = the ledger's"
 # The troubleshooting commands, on the healthy server: what each shows when all is well.
 vm_ssh 'sudo systemctl status smally --no-pager' >"$RUN/status.out" 2>&1 || true
 grep -q 'Active: active (running)' "$RUN/status.out" || { cat "$RUN/status.out" >&2; die "systemctl status smally"; }

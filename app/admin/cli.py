@@ -5,8 +5,10 @@ Every command reads settings first; a bad setting is one line on stderr and exit
 
 from __future__ import annotations
 
+import csv
+import json
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from datetime import datetime
 from typing import Any, NoReturn, TypeVar
 
@@ -21,9 +23,10 @@ from app.admin.migrations import (
     migration_status,
     rollback_migrations,
 )
-from app.admin.usage_report import KeyUsage, monthly_usage, parse_month
+from app.admin.usage_report import KeyUsage, all_users_usage, monthly_usage, parse_month
 from app.buildinfo import version_line
 from app.config import ConfigError, Settings, first_line
+from app.serving.quota import UNLIMITED
 
 EXIT_CONFIG = 2
 T = TypeVar("T")
@@ -147,18 +150,50 @@ def _rollback_or_exit(database_url: str, to: str | None) -> list[str]:
 
 
 @api.command()
-@click.argument("email")
+@click.argument("email", required=False)
+@click.option("--all", "every_user", is_flag=True, help="Every user, one row each.")
 @click.option("--month", help="YYYY-MM (default: this month, UTC).")
-def usage(email: str, month: str | None) -> None:
-    """Embeddings and tokens of EMAIL's keys in a month, for billing."""
+@click.option(
+    "--format",
+    "output",
+    type=click.Choice(["text", "csv", "json"]),
+    default="text",
+    show_default=True,
+)
+def usage(email: str | None, every_user: bool, month: str | None, output: str) -> None:
+    """Embeddings and tokens of a month, for billing: EMAIL's per key, or with --all one row per
+    user (email, tier, embeddings, tokens, limit), the input of the month's invoices."""
+    if (email is None) == (not every_user):
+        raise click.UsageError("give an EMAIL or --all, not both")
     settings = load_settings(require_redis=False)
+    if every_user:
+        in_database(settings, lambda conn: _export_all(conn, settings, month, output))
+        return
 
     def report(conn: psycopg.Connection) -> tuple[datetime, list[KeyUsage]]:
         start = parse_month(month)
         return start, monthly_usage(conn, email, start)
 
     start, rows = in_database(settings, report)
-    click.echo(f"{normalize_email(email)}  {start:%Y-%m}")
+    if output == "text":
+        _print_key_usage(normalize_email(email), start, rows)
+        return
+    records = [
+        {
+            "month": f"{start:%Y-%m}",
+            "email": normalize_email(email),
+            "key": row.key_prefix,
+            "name": row.name,
+            "embeddings": row.embeddings,
+            "tokens": row.tokens,
+        }
+        for row in rows
+    ]
+    _write(records, output, ["month", "email", "key", "name", "embeddings", "tokens"])
+
+
+def _print_key_usage(email: str, start: datetime, rows: list[KeyUsage]) -> None:
+    click.echo(f"{email}  {start:%Y-%m}")
     click.echo(f"{'key':<14} {'name':<20} {'embeddings':>12} {'tokens':>14}")
     for row in rows:
         click.echo(
@@ -168,6 +203,52 @@ def usage(email: str, month: str | None) -> None:
     total_embeddings = sum(r.embeddings for r in rows)
     total_tokens = sum(r.tokens for r in rows)
     click.echo(f"{'total':<14} {'':<20} {total_embeddings:>12} {total_tokens:>14}")
+
+
+USER_COLUMNS = ["month", "email", "tier", "embeddings", "tokens", "limit"]
+
+
+def _export_all(
+    conn: psycopg.Connection, settings: Settings, month: str | None, output: str
+) -> None:
+    start = parse_month(month)
+    limits = settings.tier_limits
+    records = (
+        {
+            "month": f"{start:%Y-%m}",
+            "email": user.email,
+            "tier": user.tier,
+            "embeddings": user.embeddings,
+            "tokens": user.tokens,
+            # The user's tier and its limit today: the ledger keeps no history of either.
+            "limit": None if limits[user.tier] == UNLIMITED else limits[user.tier],
+        }
+        for user in all_users_usage(conn, start)
+    )
+    if output == "text":
+        click.echo(f"{'email':<40} {'tier':<6} {'embeddings':>12} {'tokens':>14} {'limit':>12}")
+        for record in records:
+            limit = "unlimited" if record["limit"] is None else record["limit"]
+            click.echo(
+                f"{record['email']:<40} {record['tier']:<6} {record['embeddings']:>12} "
+                f"{record['tokens']:>14} {limit:>12}"
+            )
+        return
+    _write(records, output, USER_COLUMNS)
+
+
+def _write(records: Iterable[dict[str, Any]], output: str, columns: list[str]) -> None:
+    """CSV with a header line, or one JSON array, written a record at a time."""
+    stream = click.get_text_stream("stdout")
+    if output == "csv":
+        writer = csv.DictWriter(stream, fieldnames=columns, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(records)
+        return
+    stream.write("[")
+    for i, record in enumerate(records):
+        stream.write(("," if i else "") + "\n" + json.dumps(record))
+    stream.write("\n]\n")
 
 
 @api.group()

@@ -1,7 +1,9 @@
-"""What a customer used in a month, per key: the numbers an invoice is made from."""
+"""What customers used in a month: per key of one user, or one row per user (the input of the
+month's invoices)."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -45,3 +47,34 @@ def monthly_usage(conn: psycopg.Connection, email: str, month: datetime) -> list
         (user[0], start, end),
     ).fetchall()
     return [KeyUsage(*row) for row in rows]
+
+
+@dataclass(frozen=True, slots=True)
+class UserUsage:
+    email: str
+    tier: str
+    embeddings: int
+    tokens: int
+
+
+# One row per user that existed before the month's end, its totals summed by PostgreSQL: the
+# client holds one user's row at a time, however many ledger rows the month has.
+_ALL_USERS = """
+SELECT u.email, u.tier, coalesce(m.embeddings, 0), coalesce(m.tokens, 0)
+  FROM users u
+  LEFT JOIN (SELECT user_id, sum(embeddings_count) AS embeddings, sum(tokens) AS tokens
+               FROM usage WHERE created_at >= %(start)s AND created_at < %(end)s
+              GROUP BY user_id) m ON m.user_id = u.id
+ WHERE u.created_at < %(end)s OR m.user_id IS NOT NULL
+ ORDER BY u.email
+"""
+
+
+def all_users_usage(conn: psycopg.Connection, month: datetime) -> Iterator[UserUsage]:
+    """Every user's totals of `month`, streamed from a server-side cursor."""
+    start, end = month_bounds(month)
+    with conn.transaction(), conn.cursor(name="usage_export") as cursor:
+        cursor.itersize = 1000
+        cursor.execute(_ALL_USERS, {"start": start, "end": end})
+        for email, tier, embeddings, tokens in cursor:
+            yield UserUsage(email, tier, int(embeddings), int(tokens))

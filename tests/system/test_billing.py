@@ -5,9 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import calendar
+import csv
+import io
+import json
 import signal
+import subprocess
 import time
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import httpx
@@ -15,9 +19,11 @@ import psycopg
 import pytest
 import redis
 
+from app.config import Settings
 from dev.servers import LocalPostgres, LocalRedis
 from tests.conftest import Servers
 from tests.helpers import (
+    BIN,
     ApiProcess,
     base_env,
     build_tiny_model,
@@ -449,3 +455,131 @@ def test_metrics_with_two_workers_and_the_dashboard(env: dict[str, str], tmp_pat
     for expr in exprs:
         for name in re.findall(r"\bsmally_[a-z0-9_]+", expr):
             assert name in samples or name.removesuffix("_bucket") in exported, (name, expr)
+
+
+def migrated(env: dict[str, str], tmp_path: Path) -> str:
+    result = run_cli("api", "migrate", env=env, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    return env["DATABASE_URL"]
+
+
+def test_usage_all_is_one_row_per_user_whose_totals_are_the_ledgers(
+    env: dict[str, str], tmp_path: Path
+) -> None:
+    url = migrated(env, tmp_path)
+    now = datetime.now(UTC)
+    month = f"{now:%Y-%m}"
+    last_month = now.replace(day=1) - timedelta(days=1)
+    users = {"a@example.com": "free", "b@example.com": "pro", "c@example.com": "scale"}
+    users["d@example.com"] = "free"  # no usage this month: a row of zeros
+    rows = [("a", 2, 5, now), ("a", 1, 3, now), ("a", 4, 9, now), ("b", 10, 100, now)]
+    rows += [("b", 7, 70, last_month), ("c", 1, 1, now)]
+    with psycopg.connect(url) as conn:
+        for email, tier in users.items():
+            conn.execute("INSERT INTO users (email, tier) VALUES (%s, %s)", (email, tier))
+        for user, embeddings, tokens, at in rows:
+            conn.execute(
+                "INSERT INTO usage (user_id, embeddings_count, tokens, created_at)"
+                " SELECT id, %s, %s, %s FROM users WHERE email = %s",
+                (embeddings, tokens, at, f"{user}@example.com"),
+            )
+        (ledger,) = conn.execute(
+            "SELECT sum(embeddings_count) FROM usage WHERE created_at >= %s",
+            (now.replace(day=1, hour=0, minute=0, second=0, microsecond=0),),
+        ).fetchone()
+    limits = Settings.from_env(env, dotenv=None).tier_limits
+
+    exported = run_cli(
+        "api", "usage", "--all", "--month", month, "--format", "csv", env=env, cwd=tmp_path
+    )
+    assert exported.returncode == 0, exported.stderr
+    table = list(csv.DictReader(io.StringIO(exported.stdout)))
+    assert [row["email"] for row in table] == sorted(users)
+    assert {row["email"]: (row["embeddings"], row["tokens"]) for row in table} == {
+        "a@example.com": ("7", "17"),
+        "b@example.com": ("10", "100"),
+        "c@example.com": ("1", "1"),
+        "d@example.com": ("0", "0"),
+    }
+    assert sum(int(row["embeddings"]) for row in table) == ledger == 18
+    for row in table:
+        limit = limits[row["tier"]]
+        assert row["month"] == month and row["tier"] == users[row["email"]]
+        assert row["limit"] == ("" if limit == -1 else str(limit))
+
+    as_json = run_cli(
+        "api", "usage", "--all", "--month", month, "--format", "json", env=env, cwd=tmp_path
+    )
+    assert as_json.returncode == 0, as_json.stderr
+    records = json.loads(as_json.stdout)
+    assert [(r["email"], r["embeddings"], r["tokens"]) for r in records] == [
+        (row["email"], int(row["embeddings"]), int(row["tokens"])) for row in table
+    ]
+    assert all(
+        r["limit"] == (None if limits[r["tier"]] == -1 else limits[r["tier"]]) for r in records
+    )
+
+    then = run_cli(
+        "api",
+        "usage",
+        "--all",
+        "--month",
+        f"{last_month:%Y-%m}",
+        "--format",
+        "json",
+        env=env,
+        cwd=tmp_path,
+    )
+    assert {r["email"]: r["embeddings"] for r in json.loads(then.stdout)}["b@example.com"] == 7
+
+    for wrong in (
+        ["usage"],
+        ["usage", "a@example.com", "--all"],
+        ["usage", "--all", "--format", "xml"],
+    ):
+        refused = run_cli("api", *wrong, env=env, cwd=tmp_path)
+        assert refused.returncode == 2, (wrong, refused.stdout, refused.stderr)
+    bad_month = run_cli("api", "usage", "--all", "--month", "2026-13", env=env, cwd=tmp_path)
+    assert bad_month.returncode == 1 and bad_month.stderr.startswith("error: month must look like")
+
+
+def peak_rss_kib(*args: str, env: dict[str, str], cwd: Path) -> tuple[int, str]:
+    """Run `api ARGS` under GNU time: its peak resident set (KiB) and its stdout."""
+    result = subprocess.run(
+        ["/usr/bin/time", "-f", "%M", str(BIN / "api"), *args],
+        env=env,
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    return int(result.stderr.strip().splitlines()[-1]), result.stdout
+
+
+def test_usage_all_streams_a_million_ledger_rows_in_bounded_memory(
+    env: dict[str, str], tmp_path: Path
+) -> None:
+    url = migrated(env, tmp_path)
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute(
+            "INSERT INTO users (email) SELECT 'user' || i || '@example.com'"
+            " FROM generate_series(1, 100000) i"
+        )
+        conn.execute(
+            "INSERT INTO usage (user_id, embeddings_count, tokens)"
+            " SELECT id, 1, 3 FROM users, generate_series(1, 10)"
+        )
+        (ledger,) = conn.execute("SELECT sum(embeddings_count) FROM usage").fetchone()
+    month = f"{datetime.now(UTC):%Y-%m}"
+    empty, _ = peak_rss_kib(
+        "usage", "--all", "--month", "2000-01", "--format", "csv", env=env, cwd=tmp_path
+    )
+    full, out = peak_rss_kib(
+        "usage", "--all", "--month", month, "--format", "csv", env=env, cwd=tmp_path
+    )
+    rows = list(csv.DictReader(io.StringIO(out)))
+    print(f"api usage --all: {len(rows)} users, peak RSS {full} KiB (no rows: {empty} KiB)")
+    assert ledger == 1_000_000 and len(rows) == 100_000
+    assert sum(int(row["embeddings"]) for row in rows) == ledger
+    assert full - empty < 16 * 1024  # 100,000 users held at once would take ~40 MiB more
