@@ -546,9 +546,10 @@ probe() { # probe ALLOWED...: whether a unit admitting ALLOWED reaches the VM's 
 }
 if probe localhost; then die "IP filters are not enforced on the VM: localhost-only reached $vm_address"; fi
 probe localhost "$vm_address" || die "a unit admitting $vm_address does not reach it"
-allowed=$(vm_ssh 'systemctl show smally-backup -p IPAddressDeny -p IPAddressAllow' | tr '\n' ' ')
-[[ "$allowed" == *"IPAddressDeny=0.0.0.0/0 ::/0"* ]] || die "smally-backup.service denies: $allowed"
-log "IP filters enforced: localhost-only cannot reach $vm_address, admitted it can; smally-backup.service: $allowed"
+denied=$(vm_ssh 'systemctl show smally-backup -p IPAddressDeny --value')
+allowed=$(vm_ssh 'systemctl show smally-backup -p IPAddressAllow --value')
+[[ " $denied " == *" 0.0.0.0/0 "* && " $denied " == *" ::/0 "* ]] || die "smally-backup.service denies: $denied"
+log "IP filters enforced: localhost-only cannot reach $vm_address, admitted it can; smally-backup.service denies $denied, allows $allowed"
 vm_ssh 'sudo systemctl show smally -p ActiveState -p SubState -p FragmentPath -p DropInPaths -p NeedDaemonReload -p MainPID -p NRestarts
     pid=$(systemctl show smally -p MainPID --value)
     echo "Exe=$(sudo readlink /proc/$pid/exe)"
