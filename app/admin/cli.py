@@ -26,7 +26,7 @@ from app.admin.migrations import (
 from app.admin.usage_report import KeyUsage, all_users_usage, monthly_usage, parse_month
 from app.buildinfo import version_line
 from app.config import ConfigError, Settings, first_line
-from app.serving.quota import UNLIMITED
+from app.serving.quota import limit_or_none
 
 EXIT_CONFIG = 2
 T = TypeVar("T")
@@ -221,7 +221,7 @@ def _export_all(
             "embeddings": user.embeddings,
             "tokens": user.tokens,
             # The user's tier and its limit today: the ledger keeps no history of either.
-            "limit": None if limits[user.tier] == UNLIMITED else limits[user.tier],
+            "limit": limit_or_none(limits[user.tier]),
         }
         for user in all_users_usage(conn, start)
     )

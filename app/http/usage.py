@@ -15,7 +15,7 @@ from starlette.routing import Route
 from app.http.endpoint import authenticate, endpoint, ready_services
 from app.http.errors import Dialect, InvalidRequest
 from app.http.responses import JSONResponse
-from app.serving.quota import UNLIMITED
+from app.serving.quota import UNLIMITED, limit_or_none
 from app.serving.statement import Statement
 
 MONTH = re.compile(r"^[1-9][0-9]{3}-(0[1-9]|1[0-2])$")
@@ -50,17 +50,13 @@ def render(statement: Statement) -> dict[str, Any]:
         "tier": statement.tier,
         "embeddings": statement.embeddings,
         "tokens": statement.tokens,
-        "limit": _limit(statement.limit),
+        "limit": limit_or_none(statement.limit),
         "remaining": None if statement.limit == UNLIMITED else statement.remaining,
         "resets_at": (
             None if statement.resets_at is None else f"{statement.resets_at:%Y-%m-%dT%H:%M:%SZ}"
         ),
-        "per_minute": {"requests": _limit(requests), "tokens": _limit(tokens)},
+        "per_minute": {"requests": limit_or_none(requests), "tokens": limit_or_none(tokens)},
     }
-
-
-def _limit(value: int) -> int | None:
-    return None if value == UNLIMITED else value
 
 
 def routes() -> list[Route]:

@@ -39,6 +39,13 @@ from app.serving.usage import UsageRecorder
 log = logging.getLogger(__name__)
 
 UNLIMITED = -1
+
+
+def limit_or_none(limit: int) -> int | None:
+    """A limit as a JSON answer or a report writes it: None for UNLIMITED."""
+    return None if limit == UNLIMITED else limit
+
+
 # How often each process re-reads `quota_fallback`, and how long after a user's last fallback
 # decision every process keeps deciding that user in PostgreSQL.
 FALLBACK_POLL_SECONDS = 1.0
