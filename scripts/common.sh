@@ -78,6 +78,10 @@ libpq_url() {
     database_url="$scheme://$userinfo@$hostpart"
 }
 
+# as_postgres COMMAND...: COMMAND as the postgres OS user (peer authentication as the superuser),
+# for what needs it: creating, dropping and renaming databases; never to read a backup.
+as_postgres() { runuser -u postgres -- env PGOPTIONS="-c client_min_messages=warning" "$@"; }
+
 # load_dump URL BACKUP: load BACKUP (backup.sh's gzip'd plain SQL) into the database that URL
 # names, connected as URL's role, in one transaction: all or nothing. The file is untrusted
 # input, so the role must not be a superuser (a dump's RESET ROLE, COPY ... TO PROGRAM or ALTER

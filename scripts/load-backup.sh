@@ -18,7 +18,6 @@ db=$1 role=$2
 [ "$(id -u)" == 0 ] || die "run as root (it uses the postgres account)"
 export PGPASSFILE=/root/.smally.pgpass
 [ -r "$PGPASSFILE" ] || die "no $PGPASSFILE (make deploy writes it on the data host; deploy it first)"
-as_postgres() { runuser -u postgres -- env PGOPTIONS="-c client_min_messages=warning" "$@"; }
 psql_admin() { as_postgres psql -X -q -v ON_ERROR_STOP=1 -At -d "$db" "$@"; }
 
 umask 077

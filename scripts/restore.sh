@@ -36,7 +36,6 @@ redis_prefix=$(env_value REDIS_KEY_PREFIX "smally:")
 command -v redis-cli >/dev/null ||
     die "redis-cli is missing (apt-get install redis-tools): a restore must clear Smally's Redis keys"
 api_port=$(env_value API_PORT 8000)
-as_postgres() { runuser -u postgres -- env PGOPTIONS="-c client_min_messages=warning" "$@"; }
 psql_admin() { as_postgres psql -X -q -v ON_ERROR_STOP=1 -At "$@"; }
 
 read -r db role < <(psql -X -At -F ' ' "$database_url" -c 'SELECT current_database(), current_user') ||
