@@ -8,6 +8,11 @@ SMALLY_ENV_FILE=${SMALLY_ENV_FILE:-$SMALLY_APP_DIR/.env}
 SMALLY_BACKUP_DIR=${SMALLY_BACKUP_DIR:-/home/smally/backups}
 SMALLY_SERVICE=${SMALLY_SERVICE:-smally}
 SMALLY_USER=${SMALLY_USER:-smally}
+# This host's roles (api, edge, data, backup: ansible/site.yml writes them on every host); a
+# server without the file is a single server, which has them all.
+SMALLY_ROLES=${SMALLY_ROLES:-$(cat "$SMALLY_APP_DIR/roles" 2>/dev/null || echo api edge data backup)}
+# Present while `make host-down` holds this API host out of the cluster (ansible/host.yml).
+SMALLY_HOST_DOWN_FILE=${SMALLY_HOST_DOWN_FILE:-$SMALLY_APP_DIR/host-down}
 
 die() {
     echo "$(basename "$0"): $*" >&2
@@ -48,6 +53,25 @@ env_value() {
     \"*\" | \'*\') value=${value:1:${#value}-2} ;;
     esac
     printf '%s\n' "$value"
+}
+
+# health_url: the service's /health where it listens (the .env's API_HOST and API_PORT: on a
+# cluster's API host its private address, not 127.0.0.1). It names the release and the checks to
+# a caller on its own machine only, never through nginx. SMALLY_HEALTH_URL overrides it.
+health_url() {
+    local host port
+    if [ -n "${SMALLY_HEALTH_URL:-}" ]; then
+        printf '%s\n' "$SMALLY_HEALTH_URL"
+        return 0
+    fi
+    host=$(env_value API_HOST 127.0.0.1)
+    port=$(env_value API_PORT 8000)
+    case "$host" in
+    0.0.0.0 | "") host=127.0.0.1 ;; # every address: this machine's own is one of them
+    :: | "[::]") host="[::1]" ;;
+    *:*) host="[${host#[}" && host="${host%]}]" ;; # an IPv6 literal, bracketed once
+    esac
+    printf 'http://%s:%s/health\n' "$host" "$port"
 }
 
 # libpq_url URL: set database_url to URL without its password and export that password as PGPASSWORD, so the

@@ -1,6 +1,10 @@
 #!/usr/bin/env bash
-# One look at everything Smally needs on the server; one line per check, exit status 0 only when
-# every check passes (`make health` runs it over ssh). Run as root (it reads the .env).
+# One look at everything Smally needs on this host, by its roles (common.sh SMALLY_ROLES): api
+# (the service, its /health where it listens, PostgreSQL and both Redis servers as it reaches
+# them), edge (nginx, /health through it), data (PostgreSQL and both Redis servers running),
+# backup (the timer, the newest backup's age); disk and memory everywhere. One line per check,
+# exit status 0 only when every check passes (`make health` runs it on every host of the
+# inventory over ssh). Run as root (it reads the .env).
 #
 #   sudo /home/smally/smally-api/scripts/health-check.sh [--wait SECONDS]
 #
@@ -42,41 +46,59 @@ check() { # check NAME DETAIL COMMAND...: pass when COMMAND succeeds
 health_status() { # the "status" of a /health answer, or "unreachable"
     local body
     body=$(curl -sS -k -L --max-time 10 "$1" 2>/dev/null) || { echo unreachable; return; }
-    echo "$body" | sed -n 's/.*"status":"\([a-z]*\)".*/\1/p' | head -n 1
+    echo "$body" | sed -n 's/.*"status": *"\([a-z]*\)".*/\1/p' | head -n 1
 }
 
-database_url=$(env_value DATABASE_URL)
-libpq_url "$database_url"
-counters_url=$(env_value REDIS_URL)
-cache_url=$(env_value CACHE_REDIS_URL)
-api_port=$(env_value API_PORT 8000)
+has_role() { [[ " $SMALLY_ROLES " == *" $1 "* ]]; }
+echo "health-check: $(hostname), roles: $SMALLY_ROLES"
 
-state=$(systemctl is-active "$SMALLY_SERVICE" 2>/dev/null)
-[ "$state" == active ] && report pass service "$SMALLY_SERVICE is $state" ||
-    report fail service "$SMALLY_SERVICE is ${state:-unknown} (journalctl -u $SMALLY_SERVICE)"
+if has_role api; then
+    database_url=$(env_value DATABASE_URL)
+    libpq_url "$database_url"
+    counters_url=$(env_value REDIS_URL)
+    cache_url=$(env_value CACHE_REDIS_URL)
+    if [ -e "$SMALLY_HOST_DOWN_FILE" ]; then
+        # Out of the cluster on purpose: its siblings serve; `make host-up` brings it back.
+        report pass service "held down by make host-down since $(date -u -r "$SMALLY_HOST_DOWN_FILE" +%FT%TZ) (make host-up HOST=...)"
+    else
+        state=$(systemctl is-active "$SMALLY_SERVICE" 2>/dev/null)
+        [ "$state" == active ] && report pass service "$SMALLY_SERVICE is $state" ||
+            report fail service "$SMALLY_SERVICE is ${state:-unknown} (journalctl -u $SMALLY_SERVICE)"
+        url=$(health_url)
+        status=$(health_status "$url")
+        [ "$status" == healthy ] && report pass health "$url is $status" ||
+            report fail health "$url is ${status:-not JSON}"
+    fi
+    check postgresql "pg_isready with DATABASE_URL" pg_isready -q -d "$database_url"
+    redis_ping() { # redis_ping NAME URL
+        local pong
+        redis_cli_url "$2"
+        pong=$(redis-cli ${redis_cli_user:+--user "$redis_cli_user"} -u "$redis_url" ping 2>/dev/null | head -n 1)
+        [ "$pong" == PONG ] && report pass "$1" "redis-cli ping: PONG" ||
+            report fail "$1" "redis-cli ping: ${pong:-no answer}"
+    }
+    redis_ping redis "$counters_url"
+    [ -z "$cache_url" ] || [ "$cache_url" == "$counters_url" ] || redis_ping redis-cache "$cache_url"
+fi
 
-status=$(health_status "http://127.0.0.1:$api_port/health")
-[ "$status" == healthy ] && report pass health "/health on :$api_port is $status" ||
-    report fail health "/health on :$api_port is ${status:-not JSON}"
+if has_role edge; then
+    check nginx "nginx is active" systemctl is-active --quiet nginx
+    # Through nginx: port 80 redirects to 443 when TLS is on, hence -L -k (the name is not checked).
+    status=$(health_status "http://127.0.0.1/health")
+    [ "$status" == healthy ] && report pass nginx-health "/health through nginx is $status" ||
+        report fail nginx-health "/health through nginx is ${status:-not JSON}"
+fi
 
-# Through nginx: port 80 redirects to 443 when TLS is on, hence -L -k (the name is not checked).
-status=$(health_status "http://127.0.0.1/health")
-[ "$status" == healthy ] && report pass nginx-health "/health through nginx is $status" ||
-    report fail nginx-health "/health through nginx is ${status:-not JSON}"
+if has_role data; then
+    check data-servers "postgresql, redis-server, redis-server@smally-cache are active" \
+        systemctl is-active --quiet postgresql redis-server redis-server@smally-cache
+    check data-postgres "pg_isready on 127.0.0.1" pg_isready -q -h 127.0.0.1
+fi
 
-check nginx "nginx is active" systemctl is-active --quiet nginx
-check postgresql "pg_isready with DATABASE_URL" pg_isready -q -d "$database_url"
-redis_ping() { # redis_ping NAME URL
-    local pong
-    redis_cli_url "$2"
-    pong=$(redis-cli ${redis_cli_user:+--user "$redis_cli_user"} -u "$redis_url" ping 2>/dev/null | head -n 1)
-    [ "$pong" == PONG ] && report pass "$1" "redis-cli ping: PONG" ||
-        report fail "$1" "redis-cli ping: ${pong:-no answer}"
-}
-redis_ping redis "$counters_url"
-[ -z "$cache_url" ] || [ "$cache_url" == "$counters_url" ] || redis_ping redis-cache "$cache_url"
-check backups "smally-backup.timer is active" systemctl is-active --quiet smally-backup.timer
-if [ "$backup_max_age" -gt 0 ]; then
+if has_role backup; then
+    check backups "smally-backup.timer is active" systemctl is-active --quiet smally-backup.timer
+fi
+if has_role backup && [ "$backup_max_age" -gt 0 ]; then
     # An active timer says nothing about whether its runs succeed: look at the newest file.
     newest=$(find "$SMALLY_BACKUP_DIR" -maxdepth 1 -name 'smally-*.sql.gz' -printf '%T@ %p\n' 2>/dev/null |
         sort -rn | head -n 1)

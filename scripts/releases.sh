@@ -1,19 +1,22 @@
 #!/usr/bin/env bash
 # The releases on the server: each build in releases/<release>/ (api, create_api_key, models/,
 # BUILD.json), `current` the symlink to the one serving (ansible/site.yml uploads them and runs
-# `switch` and `prune`; `make releases` runs `list`, `make rollback` runs `rollback`).
+# `switch` and `prune`; `make releases` runs `list`; ansible/operate.yml, behind `make rollback`,
+# runs `target` on every API host, then `rollback` on each in turn).
 #
 #   sudo /home/smally/smally-api/scripts/releases.sh list
 #   sudo /home/smally/smally-api/scripts/releases.sh rollback [RELEASE]
+#   sudo /home/smally/smally-api/scripts/releases.sh target [RELEASE]   (what rollback would serve)
 #   sudo /home/smally/smally-api/scripts/releases.sh switch RELEASE     (the symlink only)
 #   sudo /home/smally/smally-api/scripts/releases.sh prune KEEP
 #
 # Order: by build time, the last part of a release's name (<version>-<hash>[-dirty]-<time>,
 # app/buildinfo.py release_name). `rollback` without RELEASE goes to the newest release built
 # before the serving one; it switches `current`, restarts the service (smally.socket keeps
-# the listening socket, so no request is refused meanwhile) and waits until /health names the
-# release: the service names it to a caller on its own machine only (127.0.0.1, or on a cluster's
-# API host SMALLY_HEALTH_URL with its own private address), never through nginx. `prune` removes all but the KEEP newest, never the serving one.
+# the listening socket, so no request is refused meanwhile) and waits until /health where the
+# service listens (common.sh health_url) names the release. On a cluster `make rollback` runs it
+# on each API host in turn, drained at the edge (ansible/operate.yml). `prune` removes all but
+# the KEEP newest, never the serving one.
 set -euo pipefail
 # shellcheck source=common.sh
 . "$(dirname "${BASH_SOURCE[0]}")/common.sh"
@@ -23,7 +26,7 @@ current=$SMALLY_APP_DIR/current
 systemctl_cmd=${SMALLY_SYSTEMCTL:-systemctl}
 
 usage() {
-    sed -n '6,9s/^#   //p' "$0" >&2
+    sed -n '6,10s/^#   //p' "$0" >&2
     exit 2
 }
 
@@ -83,25 +86,34 @@ previous() { # the newest release built before the serving one
     printf '%s\n' "$before"
 }
 
-cmd_rollback() {
-    local name=${1:-} port deadline body
+# target [RELEASE]: the release a rollback goes to, RELEASE or else the newest built before the
+# serving one; fails when there is none (ansible/operate.yml asks every API host first).
+cmd_target() {
+    local name=${1:-}
     if [ -z "$name" ]; then
         name=$(previous)
         [ -n "$name" ] || die "no release older than the serving one ($(serving)); name one: releases.sh rollback RELEASE"
     fi
+    exists "$name" || die "no release '$name' in $releases_dir (releases.sh list)"
+    printf '%s\n' "$name"
+}
+
+cmd_rollback() {
+    local name url deadline body
+    name=$(cmd_target "${1:-}") || exit 1
     cmd_switch "$name"
     "$systemctl_cmd" restart "$SMALLY_SERVICE"
-    port=$(env_value API_PORT 8000)
+    url=$(health_url)
     deadline=$((SECONDS + ${SMALLY_ROLLBACK_WAIT:-180}))
     while [ "$SECONDS" -lt "$deadline" ]; do
-        body=$(curl -sS --max-time 10 "${SMALLY_HEALTH_URL:-http://127.0.0.1:$port/health}" 2>/dev/null || true)
+        body=$(curl -sS --max-time 10 "$url" 2>/dev/null || true)
         if [[ "$body" == *'"status":"healthy"'* ]] && [[ "$body" == *"\"release\":\"$name\""* ]]; then
             echo "rollback: serving $name"
             return 0
         fi
         sleep 2
     done
-    die "$SMALLY_SERVICE is not healthy on $name after the restart: journalctl -u $SMALLY_SERVICE"
+    die "$SMALLY_SERVICE is not healthy on $name at $url after the restart: journalctl -u $SMALLY_SERVICE"
 }
 
 # prune KEEP: remove all but the KEEP newest releases, never the serving one; prints each removed.
@@ -120,6 +132,7 @@ case "${1:-}" in
 list) cmd_list ;;
 switch) cmd_switch "${2:-}" ;;
 rollback) cmd_rollback "${2:-}" ;;
+target) cmd_target "${2:-}" ;;
 prune) cmd_prune "${2:-}" ;;
 *) usage ;;
 esac

@@ -35,7 +35,7 @@ cache_url=$(env_value CACHE_REDIS_URL)
 redis_prefix=$(env_value REDIS_KEY_PREFIX "smally:")
 command -v redis-cli >/dev/null ||
     die "redis-cli is missing (apt-get install redis-tools): a restore must clear Smally's Redis keys"
-api_port=$(env_value API_PORT 8000)
+health=$(health_url)
 psql_admin() { as_postgres psql -X -q -v ON_ERROR_STOP=1 -At "$@"; }
 
 read -r db role < <(psql -X -At -F ' ' "$database_url" -c 'SELECT current_database(), current_user') ||
@@ -93,7 +93,7 @@ fi
 echo "restore: starting $SMALLY_SERVICE" >&2
 systemctl start "$SMALLY_SERVICE.socket" "$SMALLY_SERVICE"
 for _ in $(seq 1 120); do
-    if curl -fsS --max-time 5 "http://127.0.0.1:$api_port/health" 2>/dev/null | grep -q '"healthy"'; then
+    if curl -fsS --max-time 5 "$health" 2>/dev/null | grep -q '"healthy"'; then
         echo "restore: done, $SMALLY_SERVICE is healthy. The previous database is kept as $previous:" >&2
         echo "  drop it once satisfied: sudo -u postgres dropdb $previous" >&2
         exit 0

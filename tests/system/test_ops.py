@@ -1,10 +1,15 @@
 """Operations files: scripts keep the database password off command lines; timeouts line up."""
 
+import contextlib
+import http.server
 import inspect
+import json
 import os
 import re
 import subprocess
+import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from app.config import Settings
@@ -118,6 +123,82 @@ def test_health_check_fails_on_a_missing_or_stale_backup(tmp_path: Path) -> None
     assert _backup_age_line(tmp_path, backups).startswith("FAIL")
     (backups / "smally-20260102T000000Z.sql.gz").write_bytes(b"")  # written now
     assert _backup_age_line(tmp_path, backups).startswith("PASS")
+
+
+def _health_check(tmp_path: Path, roles: str, env_lines: str = "", **env: str) -> list[str]:
+    """health-check.sh's check lines (name, then PASS/FAIL and detail) on a host of ROLES."""
+    env_file = tmp_path / ".env"
+    env_file.write_text(f"DATABASE_URL=postgresql://smally@127.0.0.1:1/smally\n{env_lines}")
+    run = subprocess.run(
+        ["bash", str(ROOT / "scripts/health-check.sh")],
+        env={
+            "PATH": os.environ["PATH"],
+            "SMALLY_ENV_FILE": str(env_file),
+            "SMALLY_APP_DIR": str(tmp_path),
+            "SMALLY_BACKUP_DIR": str(tmp_path / "backups"),
+            "SMALLY_ROLES": roles,
+            **env,
+        },
+        capture_output=True,
+        text=True,
+    )
+    print(run.stdout)
+    assert run.stdout.startswith(f"health-check: {os.uname().nodename}, roles: {roles}\n")
+    return run.stdout.splitlines()[1:-1]
+
+
+def _check_names(lines: list[str]) -> set[str]:
+    return {line.split()[1] for line in lines}
+
+
+@contextlib.contextmanager
+def _healthy_service(host: str) -> Iterator[int]:
+    class Health(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            body = json.dumps({"status": "healthy"}).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer((host, 0), Health)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield server.server_address[1]
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_health_check_probes_the_address_the_service_listens_on(tmp_path: Path) -> None:
+    # A cluster's API host listens on its private address only (API_HOST), never 127.0.0.1.
+    with _healthy_service("127.0.0.2") as port:
+        lines = _health_check(tmp_path, "api", f"API_HOST=127.0.0.2\nAPI_PORT={port}\n")
+    health = [line for line in lines if line.split()[1] == "health"]
+    assert health == [f"PASS  health         http://127.0.0.2:{port}/health is healthy"]
+
+
+def test_health_check_checks_each_role_only_where_it_runs(tmp_path: Path) -> None:
+    everywhere = {"disk", "memory"}
+    api = {"service", "health", "postgresql", "redis"}
+    assert _check_names(_health_check(tmp_path, "api")) == api | everywhere
+    edge_and_data = {"nginx", "nginx-health", "data-servers", "data-postgres"}
+    assert _check_names(_health_check(tmp_path, "edge data")) == edge_and_data | everywhere
+    assert _check_names(_health_check(tmp_path, "backup")) == {"backups", "backup-age"} | everywhere
+
+
+def test_health_check_passes_an_api_host_held_down_and_says_so(tmp_path: Path) -> None:
+    mark = tmp_path / "host-down"
+    mark.touch()
+    lines = _health_check(tmp_path, "api", SMALLY_HOST_DOWN_FILE=str(mark))
+    service = [line for line in lines if line.split()[1] in ("service", "health")]
+    assert len(service) == 1 and service[0].startswith(
+        "PASS  service        held down by make host-down"
+    )
 
 
 def test_unit_runs_the_current_release_on_the_socket_systemd_holds() -> None:

@@ -3,6 +3,7 @@ with `current` the symlink the unit runs (systemd/smally.service ExecStart)."""
 
 from __future__ import annotations
 
+import contextlib
 import http.server
 import json
 import shutil
@@ -118,22 +119,29 @@ class Health(http.server.BaseHTTPRequestHandler):
         pass
 
 
-@pytest.fixture
-def health(app_dir: Path) -> Iterator[str]:
-    """A /health that names the release `current` points to, as the restarted service would."""
+@contextlib.contextmanager
+def serving_health(app_dir: Path, host: str) -> Iterator[str]:
+    """A /health on HOST that names the release `current` points to, as the restarted service
+    would."""
 
     class Serving(Health):
         def do_GET(self) -> None:
             Health.release = serving(app_dir)
             super().do_GET()
 
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Serving)
+    server = http.server.ThreadingHTTPServer((host, 0), Serving)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
-        yield f"http://127.0.0.1:{server.server_address[1]}/health"
+        yield f"http://{host}:{server.server_address[1]}/health"
     finally:
         server.shutdown()
+
+
+@pytest.fixture
+def health(app_dir: Path) -> Iterator[str]:
+    with serving_health(app_dir, "127.0.0.1") as url:
+        yield url
 
 
 def test_rollback_goes_to_the_previous_build_restarts_and_waits_for_it(
@@ -160,6 +168,32 @@ def test_rollback_goes_to_the_previous_build_restarts_and_waits_for_it(
     assert result.returncode != 0 and "no release older" in result.stderr
     assert serving(app_dir) == NAMES[0]
     assert calls.read_text() == "restart smally\n" * 2
+
+
+def test_rollback_probes_the_address_the_service_listens_on(app_dir: Path, tmp_path: Path) -> None:
+    """A cluster's API host listens on its private address (API_HOST in its .env), not on
+    127.0.0.1: the rollback waits for /health there."""
+    releases(app_dir, "switch", NAMES[3])
+    with serving_health(app_dir, "127.0.0.2") as url:
+        port = url.rsplit(":", 1)[1].split("/")[0]
+        (app_dir / ".env").write_text(f"API_HOST=127.0.0.2\nAPI_PORT={port}\n")
+        result = releases(app_dir, "rollback", SMALLY_SYSTEMCTL="true", SMALLY_ROLLBACK_WAIT="10")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[-1] == f"rollback: serving {NAMES[2]}"
+
+
+def test_target_names_the_release_a_rollback_would_serve_and_changes_nothing(
+    app_dir: Path,
+) -> None:
+    releases(app_dir, "switch", NAMES[3])
+    assert releases(app_dir, "target").stdout == f"{NAMES[2]}\n"
+    assert releases(app_dir, "target", NAMES[0]).stdout == f"{NAMES[0]}\n"
+    missing = releases(app_dir, "target", "nope")
+    assert missing.returncode != 0 and "no release 'nope'" in missing.stderr
+    assert serving(app_dir) == NAMES[3]
+    releases(app_dir, "switch", NAMES[0])
+    oldest = releases(app_dir, "target")
+    assert oldest.returncode != 0 and "no release older" in oldest.stderr
 
 
 def test_rollback_fails_when_the_release_does_not_come_up(app_dir: Path, tmp_path: Path) -> None:
