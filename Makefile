@@ -191,9 +191,10 @@ bench: model-int8 $(VENV)/.bench-installed
 	$(PY) bench/run.py $(BENCH_ARGS)
 
 # Deployment (ansible/, systemd/, nginx/, scripts/; README "Deploying"). `make deploy` runs
-# ansible/site.yml against INVENTORY; restart, logs, create-key, backup and health ssh to the
-# first server of its `smally` group (or SERVER=user@host). ansible and ansible-lint live in a
-# venv of their own, $(ANSIBLE_VENV): the service and its tests never import them.
+# ansible/site.yml against INVENTORY, `make restart` and `make rollback` ansible/operate.yml;
+# logs, create-key, api and backup ssh to its first API host (or SERVER=user@host), releases
+# to each API host and health to every host (ansible/server_ssh.py). ansible and ansible-lint
+# live in a venv of their own, $(ANSIBLE_VENV): the service and its tests never import them.
 # `make rehearse` deploys to a throwaway Debian 12 VM under qemu and checks it (root, ~20 min).
 INVENTORY ?= ansible/inventory/hosts.yml
 DEPLOY_PLAYBOOK ?= ansible/site.yml
@@ -216,9 +217,9 @@ help-deploy:
 	@echo "                  refuses a dist/ not built from the working tree (ALLOW_STALE_DIST=1: deploy it anyway)"
 	@echo "make host-down HOST=api1   a cluster's API host out: the edge drains it, then it stops"
 	@echo "make host-up HOST=api1     started, healthy, then back in the edge"
-	@echo "make restart      restart smally on the server and wait until health-check.sh passes"
-	@echo "make releases     the releases on the server; * marks the serving one"
-	@echo "make rollback     serve the previous release again (RELEASE=<name>: that one), no request dropped"
+	@echo "make restart      restart smally on every API host in turn (drained at the edge), each until healthy"
+	@echo "make releases     the releases on every API host; * marks the serving one"
+	@echo "make rollback     every API host in turn serves the previous release again (RELEASE=<name>: that one)"
 	@echo "make logs         follow the service's journal (LOG_LINES=$(LOG_LINES))"
 	@echo "make create-key EMAIL=alice@example.com TIER=pro   a new API key, printed alone"
 	@echo "make api ARGS='keys revoke sk_1a2b3c4d'   the server's api command (keys, usage, migrate)"
@@ -226,7 +227,7 @@ help-deploy:
 	@echo "make backup       run smally-backup.service now; prints the new backup's path"
 	@echo "make download-backup BACKUP=<that path> > smally.sql.gz   a backup, copied here"
 	@echo "make load-backup BACKUP=smally.sql.gz   into a new data host's empty database"
-	@echo "make health       scripts/health-check.sh on the server (exit status: pass/fail)"
+	@echo "make health       scripts/health-check.sh on every host, by its roles (exit status: pass/fail)"
 	@echo "make lint-deploy  ansible-lint (production profile) and bash -n on the scripts"
 	@echo "make rehearse     the whole deployment in a throwaway Debian 12 VM, checked (root)"
 	@echo "make rehearse-cluster  the cluster layout on three throwaway machines, checked (root)"
@@ -257,15 +258,13 @@ host-down host-up: ansible-tools
 	$(ANSIBLE_ENV) ansible-playbook -i $(INVENTORY) $(VAULT_ARGS) $(dir $(DEPLOY_PLAYBOOK))host.yml \
 		-e smally_host=$(HOST) -e smally_host_state=$(@:host-%=%)
 
-restart:
-	$(ON_SERVER) $(INVENTORY) -- sudo systemctl restart smally
-	$(ON_SERVER) $(INVENTORY) -- sudo $(REMOTE_APP)/scripts/health-check.sh --wait 120
+# Every API host, one at a time, each drained at the edge first on a cluster (ansible/operate.yml).
+restart rollback: ansible-tools
+	$(ANSIBLE_ENV) ansible-playbook -i $(INVENTORY) $(VAULT_ARGS) $(dir $(DEPLOY_PLAYBOOK))operate.yml \
+		-e smally_operation=$@ -e smally_rollback_release=$(RELEASE)
 
 releases:
-	@$(ON_SERVER) $(INVENTORY) -- sudo $(REMOTE_APP)/scripts/releases.sh list
-
-rollback:
-	$(ON_SERVER) $(INVENTORY) -- sudo $(REMOTE_APP)/scripts/releases.sh rollback $(RELEASE)
+	@$(ON_SERVER) --each-api $(INVENTORY) -- sudo $(REMOTE_APP)/scripts/releases.sh list
 
 logs:
 	$(ON_SERVER) --tty $(INVENTORY) -- sudo journalctl --unit smally --follow --lines $(LOG_LINES)
@@ -303,7 +302,7 @@ load-backup:
 	@$(ON_SERVER) --data $(INVENTORY) -- sudo bash -c "$$(cat scripts/common.sh scripts/load-backup.sh)" load-backup "$(DB_NAME)" "$(DB_USER)" <"$(BACKUP)"
 
 health:
-	$(ON_SERVER) $(INVENTORY) -- sudo $(REMOTE_APP)/scripts/health-check.sh
+	@$(ON_SERVER) --each $(INVENTORY) -- sudo $(REMOTE_APP)/scripts/health-check.sh
 
 rehearse:
 	rehearsal/rehearse.sh

@@ -422,7 +422,7 @@ recap=$(grep -E '^rehearsal-vm +: ok=' "$RUN/deploy-3.log" | tail -n 1)
 log "zero-downtime deploy: $LOAD"
 make_releases 1 "$RELEASE_B" "$RELEASE_A"
 under_load rollback timeout 300 "${MAKE_VM[@]}" rollback
-grep -qx "rollback: serving $RELEASE_A" "$RUN/rollback.out" || { cat "$RUN/rollback.out" >&2; die "make rollback did not say it serves $RELEASE_A"; }
+grep -q "rollback: serving $RELEASE_A\"" "$RUN/rollback.out" || { cat "$RUN/rollback.out" >&2; die "make rollback did not say it serves $RELEASE_A"; }
 [ "$(serving_release)" == "$RELEASE_A" ] || die "after make rollback, /health names $(serving_release)"
 log "rollback: serving $RELEASE_A, $LOAD"
 make_releases 2 "$RELEASE_A" "$RELEASE_B"
