@@ -16,9 +16,13 @@
 # adds, by both hosts, the ledger equal), rolling (a new build deployed
 # host by host under steady load), host-down (`make host-down HOST=api1` under steady load: the
 # edge drains it, then its socket and service stop; then `make host-up HOST=api1`: it starts,
-# passes /health and serves again), ledger (the usage rows equal the load's 200s), backup (`make
-# backup`: the shared database dumped on the first API host). Prints the three `cluster ...:`
-# lines.
+# passes /health and serves again), operate (`make rollback` then `make restart` under steady
+# load: each API host drained, restarted, back, both serving the same release; `make releases`
+# and `make health` on every host), held (`make host-down HOST=api2`, then `make deploy` under
+# steady load: api1, the only one serving, restarts in place, api2 stays down with the new
+# release in place; `make host-down HOST=api1` is refused; `make host-up HOST=api2`), ledger
+# (the usage rows equal the load's 200s), backup (`make backup`: the shared database dumped on
+# the first API host). Prints the `cluster ...:` lines.
 #
 # Environment: SMALLY_CLUSTER_DIR (the run's files, default ~/.cache/smally/rehearsal-cluster),
 # SMALLY_SKIP_BUILD=1 (deploy dist/ as it is first), SMALLY_REHEARSAL_KEEP=1 (leave the machines
@@ -363,6 +367,70 @@ host_down() {
 under_load host-down host_down
 log "cluster host down: $LOAD"
 grep -E '^(changed|ok): \[api1' "$HOST_LOG" | grep -E 'front|smally\.socket|=> \(item=smally\)' | sed 's/^/    /' >&2 || true
+end
+
+begin operate "make rollback, then make restart, under steady load: every API host in turn; make releases, make health"
+OPERATE_LOG="$RUN/operate.log"
+rollback_and_restart() {
+    local operation
+    for operation in rollback restart; do
+        timeout 900 make -C "$REPO" --no-print-directory $operation >>"$OPERATE_LOG" 2>&1 ||
+            { tail -n 40 "$OPERATE_LOG"; echo "make $operation failed"; return 1; }
+    done
+}
+under_load operate rollback_and_restart
+for address in $API1 $API2; do
+    on $address "curl -sS http://$address:8000/health" | grep -q "\"release\":\"$release_a\"" ||
+        die "$address does not serve $release_a after make rollback and make restart"
+done
+[ "$(grep -c "\"msg\": \"api[12]: rollback: serving $release_a\"" "$OPERATE_LOG")" == 2 ] &&
+    [ "$(grep -c "\"msg\": \"api[12]: restart: serving $release_a\"" "$OPERATE_LOG")" == 2 ] ||
+    die "make rollback and make restart did not each report both API hosts serving $release_a"
+drained=$(grep -A4 -E 'TASK \[Edge \| Render the site, the API hosts out: api[12]' "$OPERATE_LOG" | grep -Ec '^changed: \[api[12] ')
+[ "$drained" == 4 ] || die "make rollback and make restart drained $drained API hosts from the edge, not 4"
+log "cluster rollback and restart: $LOAD"
+log "both API hosts serve $release_a again (was $release_b), each drained from the edge while it restarted, twice"
+timeout 300 make -C "$REPO" --no-print-directory releases >"$RUN/releases.out" 2>&1 || { cat "$RUN/releases.out" >&2; die "make releases failed"; }
+sed 's/^/    /' "$RUN/releases.out" >&2
+[ "$(grep -cx "\* $release_a (serving)" "$RUN/releases.out")" == 2 ] && [ "$(grep -cx "  $release_b" "$RUN/releases.out")" == 2 ] &&
+    grep -qx '== api1 ==' "$RUN/releases.out" && grep -qx '== api2 ==' "$RUN/releases.out" ||
+    die "make releases does not list both API hosts serving $release_a"
+timeout 300 make -C "$REPO" --no-print-directory health >"$RUN/health.out" 2>&1 || { cat "$RUN/health.out" >&2; die "make health failed"; }
+sed 's/^/    /' "$RUN/health.out" >&2
+[ "$(grep -c '^health-check: all checks passed$' "$RUN/health.out")" == 3 ] || die "make health did not pass on the three hosts"
+log "make releases: both API hosts; make health: front (edge data), api1 (api backup), api2 (api) passed"
+end
+
+begin held "make host-down HOST=api2, make deploy under steady load (api1 alone: in place), host-down api1 refused, host-up api2"
+held_deploy() {
+    timeout 600 make -C "$REPO" --no-print-directory host-down HOST=api2 >>"$HOST_LOG" 2>&1 ||
+        { tail -n 40 "$HOST_LOG"; echo "make host-down HOST=api2 failed"; return 1; }
+    timeout 30m make -C "$REPO" --no-print-directory deploy >"$RUN/deploy-4.log" 2>&1 ||
+        { tail -n 60 "$RUN/deploy-4.log"; echo "make deploy with api2 held down failed"; return 1; }
+}
+under_load held held_deploy
+log "cluster deploy with api2 held down: $LOAD"
+grep -q 'No other API host serves (api2 held down): the edge keeps api1' "$RUN/deploy-4.log" ||
+    die "the deploy did not restart api1 in place"
+on $API1 "curl -sS http://$API1:8000/health" | grep -q "\"release\":\"$release_b\"" || die "api1 does not serve $release_b after the deploy"
+api2_state=$(on $API2 'systemctl is-active smally.socket smally' | tr '\n' ' ' || true)
+[ "$api2_state" == "inactive inactive " ] || die "api2 after the deploy: $api2_state, not held down"
+[ "$(on $API2 'sudo readlink /home/smally/smally-api/current')" == "releases/$release_b" ] ||
+    die "the deploy did not put $release_b in place on the held-down api2"
+on $EDGE 'grep -E "^ *server " /etc/nginx/sites-available/smally' | grep -q "$API2:8000 .* down;" ||
+    die "the edge no longer keeps api2 down after the deploy"
+if timeout 600 make -C "$REPO" --no-print-directory host-down HOST=api1 >"$RUN/host-down-last.log" 2>&1; then
+    die "make host-down HOST=api1 took out the last serving host"
+fi
+grep -q 'Refusing to take api1 out: no other API host serves' "$RUN/host-down-last.log" ||
+    { tail -n 20 "$RUN/host-down-last.log" >&2; die "make host-down HOST=api1 failed without saying why"; }
+check health
+timeout 300 make -C "$REPO" --no-print-directory health >"$RUN/health-held.out" 2>&1 || { cat "$RUN/health-held.out" >&2; die "make health failed with api2 held down"; }
+grep -Eq '^PASS +service +held down by make host-down' "$RUN/health-held.out" || die "make health does not say api2 is held down"
+timeout 600 make -C "$REPO" --no-print-directory host-up HOST=api2 >>"$HOST_LOG" 2>&1 ||
+    { tail -n 40 "$HOST_LOG" >&2; die "make host-up HOST=api2 failed"; }
+on $API2 "curl -sS http://$API2:8000/health" | grep -q "\"release\":\"$release_b\"" || die "api2 does not serve $release_b after make host-up"
+log "api2 held down through the deploy (stopped, $release_b in place, down at the edge); make host-down HOST=api1: refused; make host-up HOST=api2: serves $release_b"
 end
 
 begin ledger "the usage ledger equals the 200s the edge answered"
