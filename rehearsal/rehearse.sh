@@ -250,12 +250,13 @@ all:
         smally_tls_certificate: /etc/ssl/smally/fullchain.pem
         smally_tls_certificate_key: /etc/ssl/smally/privkey.pem
 EOF
-MAKE_VM=(make -C "$REPO" --no-print-directory INVENTORY="$RUN/inventory/hosts.yml")
+# The playbooks (make deploy, restart, rollback) from the stage, with its vault.
+MAKE_VM=(make -C "$REPO" --no-print-directory INVENTORY="$RUN/inventory/hosts.yml"
+    DEPLOY_PLAYBOOK="$STAGE/ansible/site.yml" VAULT_PASSWORD_FILE="$RUN/vault_pass")
+export ANSIBLE_FORCE_COLOR=0 ANSIBLE_NOCOLOR=1 ANSIBLE_SSH_CONTROL_PATH_DIR="$RUN/cp"
 deploy() { # deploy LOG: make deploy, its output kept in LOG; prints the recap line
     local logfile=$1
-    ANSIBLE_FORCE_COLOR=0 ANSIBLE_NOCOLOR=1 ANSIBLE_SSH_CONTROL_PATH_DIR="$RUN/cp" \
-        timeout 40m "${MAKE_VM[@]}" deploy DEPLOY_PLAYBOOK="$STAGE/ansible/site.yml" \
-        VAULT_PASSWORD_FILE="$RUN/vault_pass" >"$logfile" 2>&1 ||
+    timeout 40m "${MAKE_VM[@]}" deploy >"$logfile" 2>&1 ||
         { tail -n 60 "$logfile" >&2; die "the playbook failed (full log: $logfile)"; }
     grep -E '^rehearsal-vm +: ok=' "$logfile" | tail -n 1
 }
