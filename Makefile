@@ -137,29 +137,25 @@ clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache dist .artifacts app/docs_assets build/docs-assets/node_modules tests/browser/node_modules
 
 # Frozen binaries for servers without Python: `make build` builds them for this machine into dist/,
-# `make build ARCH=arm64` for aarch64 into dist/arm64/ (build/build-arm64.sh: Docker if an engine
-# answers, else a cached Debian arm64 root under qemu, which needs root). The model is not in the
-# binaries: it is copied beside them, into models/ next to each pair. build/build_binaries.py builds
-# only from the lock's versions (requirements/build.txt: the venv's, or the arm64 routes' own
-# install of it) and stamps its output, BUILD.json (commit, dirty, uv.lock's sha256, arch), which
-# `make deploy` checks against the working tree.
+# `make build ARCH=arm64` for aarch64 into dist/arm64/ (build/build-frozen.sh: in a cached Debian
+# bookworm root of that architecture, with Debian's patched python3.11, under qemu for another
+# architecture; needs root. For aarch64 a Docker engine, when one answers, instead). The model is
+# not in the binaries: it is copied beside them, into models/ next to each pair.
+# build/build_binaries.py builds only from the lock's versions (requirements/build.txt, installed
+# in the root) and stamps its output, BUILD.json (commit, dirty, uv.lock's sha256, arch, the
+# frozen interpreter), which `make deploy` checks against the working tree.
 ARCH ?= $(shell uname -m)
 ARM64_DIST := dist/arm64
+BUILD_DIST = $(if $(filter $(ARCH),arm64 aarch64),$(ARM64_DIST),dist)
 .PHONY: build test-arm64
 
 build: model
 	build/host-tools.sh
-ifeq ($(filter $(ARCH),arm64 aarch64),)
-	$(PY) build/build_binaries.py --dist dist
-	rm -rf dist/models && mkdir -p dist/models && cp -a $(MODEL_DIR) dist/models/
-	@ls -l dist/api dist/create_api_key && du -sh dist/models && cat dist/BUILD.json
-else
-	build/build-arm64.sh $(ARM64_DIST)
-	rm -rf $(ARM64_DIST)/models && mkdir -p $(ARM64_DIST)/models
-	cp -a $(MODEL_DIR) $(ARM64_DIST)/models/
-	@ls -l $(ARM64_DIST)/api $(ARM64_DIST)/create_api_key && du -sh $(ARM64_DIST)/models
-	@cat $(ARM64_DIST)/BUILD.json
-endif
+	build/build-frozen.sh $(ARCH) $(BUILD_DIST)
+	rm -rf $(BUILD_DIST)/models && mkdir -p $(BUILD_DIST)/models
+	cp -a $(MODEL_DIR) $(BUILD_DIST)/models/
+	@ls -l $(BUILD_DIST)/api $(BUILD_DIST)/create_api_key && du -sh $(BUILD_DIST)/models
+	@cat $(BUILD_DIST)/BUILD.json
 
 # The aarch64 build, then its `api` under qemu-user against real PostgreSQL and Redis (slow).
 test-arm64: lint model

@@ -1,11 +1,12 @@
 """Build the one-file `api` and `create_api_key` executables with PyInstaller (spec/*.spec).
 
-The one build script of every route: the host's venv (`make build`), the Debian arm64 root under
-qemu and the ARM64 Docker image (`make build ARCH=arm64`) all run it with a Python that has the
-project's dependencies and PyInstaller, installed from the lock (requirements/build.txt, checked
-here). It writes the build info the binaries embed, builds both, checks the highest glibc they need
-(build/glibc_check.py), prints their sizes and writes the stamp BUILD.json beside them
-(build/stamp.py), which `make deploy` compares with the working tree.
+The one build script of every route (build/build-frozen.sh): the Debian bookworm roots of each
+architecture (`make build`, `make build ARCH=arm64`) and the ARM64 Docker image run it with
+Debian's python3.11, in a venv that has the project's dependencies and PyInstaller, installed
+from the lock (requirements/build.txt, checked here). It writes the build info the binaries
+embed (with the interpreter frozen into them and the package it came from), builds both, checks
+the highest glibc they need (build/glibc_check.py), prints their sizes and writes the stamp
+BUILD.json beside them (build/stamp.py), which `make deploy` compares with the working tree.
 
     python build/build_binaries.py --dist dist
 """
@@ -19,6 +20,7 @@ import platform
 import shlex
 import subprocess
 import sys
+import sysconfig
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -66,6 +68,30 @@ def build_info() -> dict[str, object]:
         "%Y-%m-%dT%H:%M:%SZ"
     )
     return info
+
+
+def interpreter() -> dict[str, str | None]:
+    """The Python being frozen: its sys.version (which names its build), and the package its
+    shared library, the one PyInstaller bundles, comes from (`libpython3.11 3.11.2-6+deb12u9` in
+    the Debian roots; None for an interpreter dpkg did not install)."""
+    library = Path(sysconfig.get_config_var("LIBDIR") or "/") / (
+        sysconfig.get_config_var("INSTSONAME") or "libpython.so"
+    )
+    package = None
+    try:
+        owner = subprocess.run(
+            ["dpkg-query", "--search", str(library.resolve())],
+            capture_output=True, text=True, check=True,
+        ).stdout  # fmt: skip
+        name = owner.split(":")[0]  # libpython3.11:amd64: /usr/lib/x86_64-linux-gnu/...
+        version = subprocess.run(
+            ["dpkg-query", "--show", "--showformat=${Version}", name],
+            capture_output=True, text=True, check=True,
+        ).stdout  # fmt: skip
+        package = f"{name} {version}"
+    except (OSError, subprocess.CalledProcessError):
+        pass
+    return {"python": sys.version, "python_package": package}
 
 
 def unlocked_packages(requirements: Path = LOCKED) -> list[str]:
@@ -129,6 +155,8 @@ def main() -> int:
             file=sys.stderr,
         )
         return 1
+    info.update(interpreter())
+    print(f"freezing Python {info['python']} ({info['python_package'] or 'no package'})")
     args.work.mkdir(parents=True, exist_ok=True)
     info_file = args.work / "_build_info.json"  # the bundled file must have this name
     bundled = {key: value for key, value in info.items() if key not in STAMP_ONLY}

@@ -1,19 +1,30 @@
 #!/usr/bin/env bash
 # Install, with apt-get, the host tools the frozen builds and their tests use, if missing:
-#   build/host-tools.sh           objdump (binutils), file, ldd
-#   build/host-tools.sh arm64     and debootstrap, qemu-user-static, binfmt-support, unshare
+#   build/host-tools.sh             objdump (binutils), file, ldd
+#   build/host-tools.sh root        and debootstrap, unshare (build/debian-root.sh)
+#   build/host-tools.sh root-arm64  and qemu-user-static, binfmt-support (a foreign root)
 set -euo pipefail
 
 missing=()
 command -v objdump >/dev/null || missing+=(binutils)
 command -v file >/dev/null || missing+=(file)
 command -v ldd >/dev/null || missing+=(libc-bin)
-if [ "${1:-}" == arm64 ]; then
+case "${1:-}" in
+root*)
     command -v debootstrap >/dev/null || missing+=(debootstrap)
+    command -v unshare >/dev/null || missing+=(util-linux)
+    ;;
+esac
+case "${1:-}" in
+root-arm64)
     [ -x /usr/bin/qemu-aarch64-static ] || missing+=(qemu-user-static)
     command -v update-binfmts >/dev/null || missing+=(binfmt-support)
-    command -v unshare >/dev/null || missing+=(util-linux)
-fi
+    ;;
+root-amd64)
+    [ -x /usr/bin/qemu-x86_64-static ] || missing+=(qemu-user-static)
+    command -v update-binfmts >/dev/null || missing+=(binfmt-support)
+    ;;
+esac
 [ ${#missing[@]} -eq 0 ] && exit 0
 if [ "$(id -u)" != 0 ] || ! command -v apt-get >/dev/null; then
     echo "host-tools: please install ${missing[*]} (needs root and apt-get)" >&2

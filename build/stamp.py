@@ -69,6 +69,9 @@ def write(dist: Path, info: dict[str, object], arch: str) -> Path:
         build_timestamp=info.get("build_timestamp"),
         # The directory ansible/site.yml uploads the build into: releases/<release>/.
         release=info.get("release"),
+        # The interpreter frozen into the binaries, and the package that shipped it.
+        python=info.get("python"),
+        python_package=info.get("python_package"),
     )
     path.write_text(json.dumps(stamp, indent=2) + "\n")
     return path

@@ -90,7 +90,7 @@ def test_every_install_path_installs_from_the_lock_with_hashes() -> None:
         "$(PY) -m pip install --quiet --require-hashes --no-deps --only-binary=:all:",
         "$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .",
     ]
-    for route in ("build/arm64-root.sh", "build/Dockerfile.arm64"):
+    for route in ("build/debian-root.sh", "build/Dockerfile.arm64"):
         text = (REPO / route).read_text()
         assert "--require-hashes --no-deps --only-binary=:all:" in text, route
         assert "requirements/build.txt" in text, route
