@@ -9,7 +9,6 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-import platform
 import subprocess
 import sys
 from pathlib import Path
@@ -32,7 +31,10 @@ def build_info() -> dict[str, Any]:
             hashlib.sha256(lock.read_bytes()).hexdigest() if lock.is_file() else None
         )
     info["version"] = __version__
-    info["python"] = platform.python_version()
+    # The interpreter running: in a binary, the one frozen into it (python_package names the
+    # package it came from, written by the build; none for a source checkout).
+    info["python"] = sys.version
+    info.setdefault("python_package", None)
     info["release"] = release_name(info)
     return info
 

@@ -116,6 +116,42 @@ def run(args: list[str], cwd: Path, env: dict[str, str], timeout: float = 120):
     return subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
+@dataclass(frozen=True)
+class RootPython:
+    """Debian's python3.11 in the build root of an architecture (build/debian-root.sh): what
+    the frozen binaries must carry."""
+
+    version: str  # its sys.version
+    package: str  # "libpython3.11 <Debian version>"
+    library_build_id: str  # the GNU build ID of its libpython3.11.so.1.0
+
+
+def root_python(arch: str) -> RootPython:
+    script = str(REPO / "build" / "debian-root.sh")
+    root = Path(subprocess.run([script, arch, "path"], capture_output=True, text=True,
+                               check=True).stdout.strip())  # fmt: skip
+
+    def inside(*args: str) -> str:
+        done = subprocess.run([script, arch, "exec", *args], capture_output=True, text=True,
+                              timeout=600, check=True)  # fmt: skip
+        return done.stdout.strip()
+
+    version = inside("python3.11", "-c", "import sys; print(sys.version)")
+    package = inside("dpkg-query", "--show", "--showformat=${Version}", "libpython3.11")
+    multiarch = {"amd64": "x86_64-linux-gnu", "arm64": "aarch64-linux-gnu"}[arch]
+    library = root / "usr/lib" / multiarch / "libpython3.11.so.1.0"
+    return RootPython(version, f"libpython3.11 {package}", build_id(library))
+
+
+def build_id(elf: Path) -> str:
+    """The GNU build ID of an ELF file: the same for a library and its stripped copy."""
+    notes = subprocess.run(["readelf", "--notes", str(elf)], capture_output=True, text=True,
+                           check=True).stdout  # fmt: skip
+    found = re.search(r"Build ID: ([0-9a-f]+)", notes)
+    assert found, notes
+    return found.group(1)
+
+
 def rss_kib(pid: int) -> int:
     """Resident memory of `pid` and its children (a one-file binary is a bootloader + child)."""
     total = 0

@@ -207,7 +207,10 @@ class Services:
                 # sha256 of the uv.lock the build (or the venv) was installed from
                 "lock_sha256": info.get("lock_sha256"),
                 "build_timestamp": info.get("build_timestamp"),
+                # sys.version of the interpreter running (in a binary: the one frozen into it)
+                # and the package that shipped it (build/build_binaries.py interpreter)
                 "python": info["python"],
+                "python_package": info["python_package"],
             },
         }
         return (503 if status == "unhealthy" else 200), body

@@ -23,6 +23,7 @@ from tests.frozen import (
     VERSION_LINE,
     FrozenApi,
     bare_env,
+    build_id,
     ceiling,
     deploy,
     deploy_on_servers,
@@ -30,6 +31,7 @@ from tests.frozen import (
     git_head,
     lock_sha256,
     make,
+    root_python,
     rss_kib,
     run,
     version_key,
@@ -160,6 +162,33 @@ def test_frozen_binaries_serve_from_an_empty_directory(
     with psycopg.connect(database_url) as conn:
         (served,) = conn.execute("SELECT sum(embeddings_count) FROM usage").fetchone()
     assert served == len(cases) + len(latencies)  # the usage ledger was flushed on SIGTERM
+
+
+def test_the_frozen_interpreter_is_debians_patched_python_the_stamp_names(
+    dist: Path, servers: Servers, tmp_path: Path, runtime_tmp: Path
+) -> None:
+    """Not the build machine's interpreter: the python3.11 of the Debian root, with Debian's
+    security fixes, named in BUILD.json and /health and bundled as is."""
+    debian = root_python({"x86_64": "amd64", "aarch64": "arm64"}[platform.machine()])
+    print(f"\nDebian's: Python {debian.version}, {debian.package}")
+    stamp = json.loads((dist / "BUILD.json").read_text())
+    assert (stamp["python"], stamp["python_package"]) == (debian.version, debian.package)
+    assert re.fullmatch(r"libpython3\.11 3\.11\.\d+-\d+\+deb12u\d+", debian.package)
+
+    database_url = servers.new_database()
+    workdir, port = deploy_on_servers(dist, tmp_path / "srv", database_url, servers.redis_url)
+    api = FrozenApi(bare_env(TMPDIR=str(runtime_tmp)), workdir, port=port, log_dir=tmp_path)
+    api.start()
+    try:
+        health = api.wait_healthy(timeout=60)
+        (bundle,) = unpacked(runtime_tmp)
+        bundled = build_id(bundle / "libpython3.11.so.1.0")
+    finally:
+        api.stop(signal.SIGTERM)
+    # The interpreter running in the binary, by its own account and by its library's build ID.
+    assert health["build"]["python"] == debian.version
+    assert health["build"]["python_package"] == debian.package
+    assert bundled == debian.library_build_id
 
 
 def test_frozen_api_with_worker_processes_and_the_default_model_path(

@@ -25,6 +25,7 @@ from tests.frozen import (
     git_head,
     lock_sha256,
     make,
+    root_python,
     rss_kib,
     run,
     version_key,
@@ -48,7 +49,7 @@ def dist() -> Path:
     # 2-core machine, before PyInstaller; with the root cached the build is ~10 min there. The
     # timeout only catches a hang.
     output = make(
-        "build", "ARCH=arm64", env={**os.environ, "SMALLY_ARM64_ROUTE": "root"}, timeout=3000
+        "build", "ARCH=arm64", env={**os.environ, "SMALLY_BUILD_ROUTE": "root"}, timeout=3000
     )
     print(f"\nmake build ARCH=arm64: {time.monotonic() - started:.0f} s")
     assert "route root" in output
@@ -88,6 +89,13 @@ def test_arm64_api_serves_under_qemu(dist: Path, servers: Servers, tmp_path: Pat
     try:
         startup, health = api.time_to_healthy(timeout=600)
         assert health["status"] == "healthy"
+        # Debian's python3.11 of the arm64 root, named in the stamp, is the one running.
+        debian = root_python("arm64")
+        assert (stamp["python"], stamp["python_package"]) == (debian.version, debian.package)
+        assert (health["build"]["python"], health["build"]["python_package"]) == (
+            debian.version,
+            debian.package,
+        )
         case = load_reference()["cases"][0]
         with api.client(key) as client:
             started = time.perf_counter()
