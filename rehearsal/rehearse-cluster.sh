@@ -20,7 +20,8 @@
 # load: each API host drained, restarted, back, both serving the same release; `make releases`
 # and `make health` on every host), held (`make host-down HOST=api2`, then `make deploy` under
 # steady load: api1, the only one serving, restarts in place, api2 stays down with the new
-# release in place; `make host-down HOST=api1` is refused; `make host-up HOST=api2`), ledger
+# release in place; `make host-down HOST=api1` is refused; `make rollback`: api1 in place, api2
+# switched but still down; `make host-up HOST=api2` serves the rolled-back release), ledger
 # (the usage rows equal the load's 200s), backup (`make backup`: the shared database dumped on
 # the first API host). Prints the `cluster ...:` lines.
 #
@@ -401,7 +402,7 @@ sed 's/^/    /' "$RUN/health.out" >&2
 log "make releases: both API hosts; make health: front (edge data), api1 (api backup), api2 (api) passed"
 end
 
-begin held "make host-down HOST=api2, make deploy under steady load (api1 alone: in place), host-down api1 refused, host-up api2"
+begin held "make host-down HOST=api2, make deploy under steady load (api1 alone: in place), host-down api1 refused, make rollback, host-up api2"
 held_deploy() {
     timeout 600 make -C "$REPO" --no-print-directory host-down HOST=api2 >>"$HOST_LOG" 2>&1 ||
         { tail -n 40 "$HOST_LOG"; echo "make host-down HOST=api2 failed"; return 1; }
@@ -427,10 +428,19 @@ grep -q 'Refusing to take api1 out: no other API host serves' "$RUN/host-down-la
 check health
 timeout 300 make -C "$REPO" --no-print-directory health >"$RUN/health-held.out" 2>&1 || { cat "$RUN/health-held.out" >&2; die "make health failed with api2 held down"; }
 grep -Eq '^PASS +service +held down by make host-down' "$RUN/health-held.out" || die "make health does not say api2 is held down"
+# A rollback meanwhile: api1 rolls back in place; api2 gets the release but stays down.
+timeout 600 make -C "$REPO" --no-print-directory rollback >"$RUN/rollback-held.log" 2>&1 ||
+    { tail -n 40 "$RUN/rollback-held.log" >&2; die "make rollback with api2 held down failed"; }
+grep -q "api1: rollback: serving $release_a\"" "$RUN/rollback-held.log" ||
+    { tail -n 40 "$RUN/rollback-held.log" >&2; die "make rollback did not bring api1 to $release_a"; }
+[ "$(on $API2 'sudo readlink /home/smally/smally-api/current')" == "releases/$release_a" ] ||
+    die "make rollback did not switch the held-down api2 to $release_a"
+api2_state=$(on $API2 'systemctl is-active smally.socket smally' | tr '\n' ' ' || true)
+[ "$api2_state" == "inactive inactive " ] || die "api2 after the rollback: $api2_state, not held down"
 timeout 600 make -C "$REPO" --no-print-directory host-up HOST=api2 >>"$HOST_LOG" 2>&1 ||
     { tail -n 40 "$HOST_LOG" >&2; die "make host-up HOST=api2 failed"; }
-on $API2 "curl -sS http://$API2:8000/health" | grep -q "\"release\":\"$release_b\"" || die "api2 does not serve $release_b after make host-up"
-log "api2 held down through the deploy (stopped, $release_b in place, down at the edge); make host-down HOST=api1: refused; make host-up HOST=api2: serves $release_b"
+on $API2 "curl -sS http://$API2:8000/health" | grep -q "\"release\":\"$release_a\"" || die "api2 does not serve $release_a after make host-up"
+log "api2 held down through the deploy (stopped, $release_b in place, down at the edge); make host-down HOST=api1: refused; make rollback: api1 in place, api2 switched to $release_a and still down; make host-up HOST=api2: serves $release_a"
 end
 
 begin ledger "the usage ledger equals the 200s the edge answered"
