@@ -17,7 +17,7 @@ set -euo pipefail
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 BRIDGE=${SMALLY_MACHINES_BRIDGE:-smally-br0}
 SUBNET=${SMALLY_MACHINES_SUBNET:-10.77.0}
-NFT_TABLE=smally_machines
+NFT_TABLE=smally_machines_${BRIDGE//-/_}  # one per bridge: two rehearsals can run side by side
 
 say() { echo "machines: $*" >&2; }
 die() {

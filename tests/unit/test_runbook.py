@@ -4,7 +4,7 @@ each command of its ```sh blocks must appear, as written, in rehearsal/ or tests
 "As written" allows what a runbook must leave open: example values (an email, a key prefix, a
 month, `<time>`), `NAME=value` arguments (any value), and paths (the same last two parts: the
 rehearsal's vault or backup lives elsewhere than a real one). `sudo` and quotes are ignored, and
-`make` with options (`make -C "$REPO" build`, the rehearsal's `"${MAKE_VM[@]}"`) is `make`.
+`make` with options (`make -C "$REPO" build`, the rehearsal's `"${MAKE_ON[@]}"`) is `make`.
 """
 
 from __future__ import annotations
@@ -80,7 +80,7 @@ def exercised_lines() -> list[str]:
         if not source.is_file() or source == Path(__file__).resolve():
             continue
         for line in source.read_text(errors="replace").splitlines():
-            line = line.replace('"${MAKE_VM[@]}"', "make")
+            line = line.replace('"${MAKE_ON[@]}"', "make")
             lines.append(" ".join(_words(line.replace('"', "").replace("'", ""))))
     return lines
 
