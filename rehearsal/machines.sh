@@ -30,7 +30,7 @@ die() {
 # The VM image's disk as a raw file next to it (once per image), mounted read-only at DIR/lower.
 mount_image() {
     local dir=$1 image raw
-    image=$("$HERE/vm-image.sh")
+    image=$("$HERE/vm-image.sh" | tail -n 1)
     raw="$image/base.raw"
     if [ ! -e "$raw" ]; then
         qemu-img convert -O raw "$image/base.qcow2" "$raw.partial"

@@ -1,8 +1,12 @@
 #!/usr/bin/env bash
-# The throwaway server of `make rehearse`: a Debian 12 x86_64 base image, built once with
-# debootstrap and cached; every run boots a fresh qcow2 overlay of it (rehearsal/rehearse.sh).
+# The throwaway servers of the rehearsals: a Debian 12 base image, built once with debootstrap
+# and cached. The VM of `make rehearse` boots a fresh qcow2 overlay of the amd64 image; the
+# nspawn machines (rehearsal/machines.sh) mount base.raw under an overlay of their own.
 #
-#   rehearsal/vm-image.sh        build the image unless cached; prints its directory last
+#   rehearsal/vm-image.sh [amd64|arm64]   build the image unless cached; prints its directory last
+#
+# arm64 (for `make rehearse ARCH=arm64`): debootstrapped and configured under qemu-user through
+# binfmt_misc, no kernel (it boots under nspawn only), base.raw without the qcow2.
 #
 # The image is what a freshly installed Debian 12 server looks like before our playbook: the
 # standard debootstrap package set (systemd, ifupdown with DHCP on eth0, nftables, cron...),
@@ -29,7 +33,17 @@ MIRROR=${DEBIAN_MIRROR:-http://deb.debian.org/debian}
 SECURITY_MIRROR=${DEBIAN_SECURITY_MIRROR:-http://deb.debian.org/debian-security}
 SUITE=bookworm
 DISK_SIZE=8G
-PACKAGES=systemd-sysv,dbus,openssh-server,sudo,python3,linux-image-amd64,ca-certificates
+ARCH=${1:-amd64}
+case $ARCH in
+amd64) QEMU_ARCH=x86_64 KERNEL=linux-image-amd64 ;;
+arm64) QEMU_ARCH=aarch64 KERNEL="" ;;
+*)
+    echo "usage: $0 [amd64|arm64]" >&2
+    exit 2
+    ;;
+esac
+FOREIGN=$([ "$(uname -m)" == "$QEMU_ARCH" ] && echo false || echo true)
+PACKAGES=systemd-sysv,dbus,openssh-server,sudo,python3,ca-certificates${KERNEL:+,$KERNEL}
 
 say() { echo "vm-image: $*" >&2; }
 
@@ -45,7 +59,7 @@ SMALLY_PACKAGES=$(playbook_packages)
 [ -n "$SMALLY_PACKAGES" ] || { say "no package list found in ansible/site.yml's step 1"; exit 1; }
 
 key=$({ cat "${BASH_SOURCE[0]}"; echo "$SMALLY_PACKAGES"; } | sha256sum | cut -c1-12)
-IMAGE="$CACHE/debian12-amd64-$key"
+IMAGE="$CACHE/debian12-$ARCH-$key"
 if [ -e "$IMAGE/ready" ]; then
     echo "$IMAGE"
     exit 0
@@ -70,12 +84,24 @@ rm -rf "$work"
 mkdir -p "$root"
 
 started=$SECONDS
-say "debootstrap $SUITE amd64 (first run only, a few minutes)"
-debootstrap --arch=amd64 --include="$PACKAGES" "$SUITE" "$root" "$MIRROR" >"$work/debootstrap.log" 2>&1 || {
+say "debootstrap $SUITE $ARCH (first run only, a few minutes; under qemu-user more)"
+debootstrap_failed() {
     tail -n 30 "$work/debootstrap.log" >&2
     say "debootstrap failed; the full log is $work/debootstrap.log"
     exit 1
 }
+if ! $FOREIGN; then
+    debootstrap --arch="$ARCH" --include="$PACKAGES" "$SUITE" "$root" "$MIRROR" >"$work/debootstrap.log" 2>&1 || debootstrap_failed
+else
+    # The second stage runs the other architecture's package scripts through binfmt_misc.
+    [ -e "/proc/sys/fs/binfmt_misc/qemu-$QEMU_ARCH" ] ||
+        { say "no binfmt_misc entry for qemu-$QEMU_ARCH (build/host-tools.sh root-$ARCH installs it)"; exit 2; }
+    debootstrap --arch="$ARCH" --foreign --include="$PACKAGES" "$SUITE" "$root" "$MIRROR" >"$work/debootstrap.log" 2>&1 || debootstrap_failed
+    cp "/usr/bin/qemu-$QEMU_ARCH-static" "$root/usr/bin/"
+    mount --bind /dev "$root/dev"
+    chroot "$root" /debootstrap/debootstrap --second-stage >>"$work/debootstrap.log" 2>&1 || debootstrap_failed
+    umount "$root/dev"
+fi
 say "debootstrap done in $((SECONDS - started)) s"
 
 # --- configuration of the root -------------------------------------------------------------
@@ -174,22 +200,27 @@ chroot "$root" apt-get clean
 rm -rf "$root/var/lib/apt/lists/"*
 
 # --- kernel, host key, disk image ----------------------------------------------------------
-kernel=$(find "$root/boot" -name 'vmlinuz-*' | sort | tail -n 1)
-initrd=$(find "$root/boot" -name 'initrd.img-*' | sort | tail -n 1)
-[ -n "$kernel" ] && [ -n "$initrd" ] || { say "no kernel or initrd in $root/boot"; exit 1; }
-cp "$kernel" "$work/vmlinuz"
-cp "$initrd" "$work/initrd.img"
+if [ -n "$KERNEL" ]; then
+    kernel=$(find "$root/boot" -name 'vmlinuz-*' | sort | tail -n 1)
+    initrd=$(find "$root/boot" -name 'initrd.img-*' | sort | tail -n 1)
+    [ -n "$kernel" ] && [ -n "$initrd" ] || { say "no kernel or initrd in $root/boot"; exit 1; }
+    cp "$kernel" "$work/vmlinuz"
+    cp "$initrd" "$work/initrd.img"
+fi
 cp "$root/etc/ssh/ssh_host_ed25519_key.pub" "$work/ssh_host_ed25519_key.pub"
 
 cleanup
 say "writing the ext4 image ($DISK_SIZE, sparse)"
-mkfs.ext4 -q -F -L smally-root -d "$root" "$work/base.raw" "$DISK_SIZE"
-qemu-img convert -O qcow2 "$work/base.raw" "$work/base.qcow2"
-rm -rf "$work/base.raw" "$root"
+mkfs.ext4 -q -F -L smally-root -d "$root" "$work/base.raw" "$DISK_SIZE" >&2 # stdout is for the path alone
+if [ -n "$KERNEL" ]; then
+    qemu-img convert -O qcow2 "$work/base.raw" "$work/base.qcow2"
+    rm -f "$work/base.raw"
+fi
+rm -rf "$root"
 date -u +%FT%TZ >"$work/ready"
 
 # Older images of other recipes are of no further use.
-find "$CACHE" -mindepth 1 -maxdepth 1 -name 'debian12-amd64-*' ! -name "$(basename "$IMAGE").partial" \
+find "$CACHE" -mindepth 1 -maxdepth 1 -name "debian12-$ARCH-*" ! -name "$(basename "$IMAGE").partial" \
     -exec rm -rf {} +
 mv "$work" "$IMAGE"
 say "image ready in $((SECONDS - started)) s: $IMAGE"
